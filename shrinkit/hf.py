@@ -1,0 +1,23 @@
+"""Optional checks against transformers' own config validation (imported lazily)."""
+
+from __future__ import annotations
+
+from .errors import RecipeError
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse a child config that transformers would reject. No-op without transformers."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
+        return
+    kw = {k: v for k, v in cfg.items() if k != "model_type"}
+    try:
+        c = AutoConfig.for_model(cfg["model_type"], **kw)
+        if hasattr(c, "validate"):
+            c.validate()
+    except Exception as e:  # transformers raises several types here
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[-1] if lines else type(e).__name__
+        msg = msg.removeprefix("ValueError: ")
+        raise RecipeError(f"transformers rejects the child's config: {msg}; change the target") from None

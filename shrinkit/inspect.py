@@ -1,0 +1,50 @@
+"""Summaries for `shrinkit inspect` and `shrinkit plan` (dry run)."""
+
+from __future__ import annotations
+
+from .checkpoint.reader import open_checkpoint
+from .families import family_for
+from .plan import DTYPE_STR, count_params
+from .recipe import Recipe, parse_size
+from .checkpoint.writer import Entry, layout
+
+
+def inspect_summary(parent, config=None) -> dict:
+    with open_checkpoint(parent, config) as ck:
+        fam = family_for(ck.config)
+        d = fam.dims(ck.config)
+        tied = fam.tied(ck.config)
+        params = 0
+        for t in ck.tensors.values():
+            hit = fam.match(t.name)
+            if t.dtype.is_floating_point and not (hit and (hit[0].drop or (hit[0].tied and tied))):
+                params += t.numel
+        return {
+            "model": {"path": str(ck.weights_path), "family": fam.name,
+                      "architecture": (ck.config.get("architectures") or ["?"])[0],
+                      "model_type": ck.config.get("model_type"), "tied_embeddings": tied,
+                      "params": params, "bytes": ck.total_bytes, "tensors": len(ck.tensors),
+                      "shards": len(ck.shards)},
+            "dims": d.as_dict(),
+            "dtypes": {k: v for k, v in ck.dtype_counts().items()},
+        }
+
+
+def plan_summary(parent, recipe: Recipe, config=None) -> dict:
+    from .pipeline import prepare
+
+    with open_checkpoint(parent, config) as ck:
+        plan = prepare(ck, recipe)
+        from .stages.rank import select
+        select(plan, "first", None, plan.layers, recipe.seed)  # shapes only; ranking does not change them
+        cts = plan.child_tensors(ck)
+        nbytes = sum(c.nbytes for c in cts)
+        shards = layout([Entry(c.name, c.dtype, c.shape) for c in cts], parse_size(recipe.output.max_shard_size))
+        layers_note = plan.layers if (recipe.stage("drop_layers") is None or
+                                      recipe.stage("drop_layers").strategy != "importance") else "chosen by calibration"
+        return {
+            "parent": {**plan.parent.as_dict(), "bytes": ck.total_bytes},
+            "child": {**plan.child.as_dict(), "params": count_params(cts), "bytes": nbytes,
+                      "dtype": DTYPE_STR[plan.out_dtype], "shards": len(shards), "kept_layers": layers_note},
+            "stages": {n: s.model_dump() for n, s in recipe.parsed},
+        }

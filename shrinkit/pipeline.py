@@ -1,0 +1,287 @@
+"""Run a recipe over a parent checkpoint and stream the child to disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint.reader import Checkpoint, open_checkpoint
+from .checkpoint.writer import Entry, ShardedWriter
+from .errors import RecipeError, UsageError
+from .families import family_for
+from .hf import check_config
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, resolve_target
+from .progress import Progress
+from .recipe import Recipe, parse_size
+from .report import model_card, report_markdown
+from .stages.layers import count_from_lists, keep_layers
+from .stages.rank import magnitude_scores, select, spaces_to_rank
+from .stages.slice import slice_tensor
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class Result:
+    out: Path
+    report: dict
+    plan: Plan
+
+
+def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for t in ckpt.tensors.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def prepare(ckpt: Checkpoint, recipe: Recipe) -> Plan:
+    """Validate the recipe against the parent and build the plan (no ranking yet)."""
+    fam = family_for(ckpt.config)
+    pdims = fam.dims(ckpt.config)
+    drop = recipe.stage("drop_layers")
+    child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers))
+    out_dtype = OUT_DTYPES[recipe.output.dtype] if recipe.output.dtype else parent_dtype(ckpt)
+    plan = Plan(fam, pdims, child, out_dtype)
+    if child.num_hidden_layers < pdims.num_hidden_layers and drop is None:
+        raise RecipeError(f"the target has {child.num_hidden_layers} of {pdims.num_hidden_layers} layers, "
+                          "but the pipeline has no drop_layers stage; add one")
+    if spaces_to_rank(plan) and recipe.stage("rank_neurons") is None:
+        raise RecipeError("the target narrows the model, but the pipeline has no rank_neurons stage; add one")
+    if drop is not None and drop.strategy != "importance":
+        plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers)
+    else:
+        plan.layers = list(range(pdims.num_hidden_layers))
+    rescale = recipe.stage("rescale_norms")
+    if rescale is not None:
+        f = rescale.factor if rescale.factor is not None else math.sqrt(pdims.hidden_size / child.hidden_size)
+        plan.norm_factor = None if f == 1.0 else f
+    check_config(plan.child_config(ckpt.config))
+    return plan
+
+
+def _sha256_all(paths: list[Path], out: dict) -> None:
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+        out[p.name] = h.hexdigest()
+
+
+def default_out(parent: str | os.PathLike, recipe: Recipe) -> Path:
+    p = Path(parent)
+    stem = p.stem if p.is_file() else p.resolve().name
+    return Path.cwd() / f"{stem}-{recipe.name or 'child'}"
+
+
+def check_out(out: Path, parent_root: Path, force: bool) -> None:
+    ro, rp = os.path.realpath(out), os.path.realpath(parent_root)
+    if ro == rp or os.path.commonpath([ro, rp]) == ro:
+        raise UsageError(f"--out {out} would replace the parent folder; choose another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is a file; choose another --out")
+        if any(out.iterdir()) and not force:
+            raise UsageError(f"--out {out} exists and is not empty; pass --force to replace it, or choose another --out")
+
+
+def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike | None = None, *,
+             force: bool = False, config: str | os.PathLike | None = None,
+             progress: Progress | None = None) -> Result:
+    progress = progress or Progress()
+    t_start = time.perf_counter()
+    ckpt = open_checkpoint(parent, config)
+    try:
+        plan = prepare(ckpt, recipe)
+        out = Path(out) if out is not None else default_out(parent, recipe)
+        check_out(out, ckpt.root, force)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.shrinkit-tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            report = _run(ckpt, plan, recipe, tmp, progress, t_start)
+            _publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        ckpt.close()
+        progress.close()
+    return Result(out, report, plan)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.shrinkit-old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, t_start: float) -> dict:
+    hashes: dict[str, str] = {}
+    hasher = threading.Thread(target=_sha256_all, args=(ckpt.shard_paths, hashes), daemon=True)
+    hasher.start()
+    stages = []
+    n_parent = plan.parent.num_hidden_layers
+    dropped = False
+    calib = None
+    written: list = []
+    for name, stage in recipe.parsed:
+        t0 = time.perf_counter()
+        info: dict = {"stage": name}
+        if name == "rank_neurons":
+            method = stage.method or default_method(ckpt)
+            info["method"] = method
+            layers = plan.layers if dropped else list(range(n_parent))
+            need = spaces_to_rank(plan)
+            scores = None
+            if need and method == "magnitude":
+                progress.phase("rank (magnitude)", ckpt.total_bytes)
+                scores = magnitude_scores(ckpt, plan, need, set(layers), progress.advance)
+            elif need and method == "activation":
+                from .calibrate import activation_scores
+                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress)
+                scores = activation_scores(calib, plan, need)
+            select(plan, method, scores, layers, recipe.seed)
+        elif name == "drop_layers":
+            info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
+            if stage.strategy == "importance":
+                from .calibrate import layer_influence
+                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress)
+                influence = layer_influence(calib)
+                info["influence"] = [round(x, 6) for x in influence]
+                plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
+            dropped = True
+        elif name == "rescale_norms":
+            info["factor"] = plan.norm_factor if plan.norm_factor is not None else 1.0
+        elif name == "slice_embeddings":
+            info.update(_write(ckpt, plan, recipe, tmp, progress, written))
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        stages.append(info)
+    if not plan.ranked:
+        select(plan, "first", None, plan.layers, recipe.seed)  # widths unchanged: keeps everything
+    hasher.join()
+    report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start)
+    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "shrinkit_report.md").write_text(report_markdown(report))
+    (tmp / "README.md").write_text(model_card(report))
+    return report
+
+
+def default_method(ckpt: Checkpoint) -> str:
+    return "magnitude"
+
+
+def _calibration(ckpt, plan, calib_spec, seed, progress):
+    from .calibrate import calibrate
+    return calibrate(ckpt, plan, calib_spec, seed=seed, progress=progress)
+
+
+def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list) -> dict:
+    if not plan.ranked:
+        if spaces_to_rank(plan):  # pragma: no cover - prepare() refuses this
+            raise RecipeError("slice_embeddings needs rank_neurons first")
+        select(plan, "first", None, plan.layers, recipe.seed)
+    cts = plan.child_tensors(ckpt)
+    writer = ShardedWriter(tmp, [Entry(c.name, c.dtype, c.shape) for c in cts], parse_size(recipe.output.max_shard_size))
+    progress.phase("slice + write", sum(c.parent.nbytes for c in cts))
+    try:
+        for ct in cts:
+            writer.write(ct.name, slice_tensor(plan, ct, ckpt.get(ct.parent.name)))
+            progress.advance(ct.parent.nbytes)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    cfg = plan.child_config(ckpt.config)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    src = ckpt.config_path.parent
+    for fn in TOKENIZER_FILES:
+        for d in dict.fromkeys((ckpt.root, src)):
+            if (d / fn).is_file():
+                shutil.copyfile(d / fn, tmp / fn)
+                break
+    written.extend(cts)
+    return {"shards": shards, "bytes": writer.total_size}
+
+
+def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, hashes: dict, cts: list,
+                 seconds: float) -> dict:
+    fam = plan.family
+    tied = fam.tied(ckpt.config)
+    parent_params = sum(t.numel for t in ckpt.tensors.values()
+                        if t.dtype.is_floating_point and not _skipped(fam, t, tied))
+
+    def per_layer(d: dict) -> dict:
+        return {str(i): d[p].tolist() for i, p in enumerate(plan.layers) if p in d}
+
+    kept = {
+        "layers": list(plan.layers),
+        "hidden": plan.hidden.tolist() if plan.hidden is not None else "all",
+        "ffn": per_layer(plan.ffn) or "all",
+        "q_heads": per_layer(plan.q_heads) or "all",
+        "kv_heads": per_layer(plan.kv_heads) or "all",
+    }
+    return {
+        "shrinkit_version": __version__,
+        "family": fam.name,
+        "architecture": (ckpt.config.get("architectures") or [None])[0],
+        "base_model": base_model_name(ckpt),
+        "recipe": recipe.as_dict(),
+        "parent": {
+            "path": str(ckpt.weights_path),
+            "dims": plan.parent.as_dict(),
+            "params": parent_params,
+            "bytes": ckpt.total_bytes,
+            "dtype": DTYPE_STR.get(parent_dtype(ckpt), str(parent_dtype(ckpt))),
+            "shards": [{"file": s, "sha256": hashes.get(Path(s).name)} for s in ckpt.shards],
+        },
+        "child": {
+            "dims": plan.child.as_dict(),
+            "params": count_params(cts),
+            "bytes": sum(c.nbytes for c in cts),
+            "dtype": DTYPE_STR[plan.out_dtype],
+            "tied_embeddings": tied,
+        },
+        "kept": kept,
+        "stages": stages,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _skipped(fam, info, tied) -> bool:
+    hit = fam.match(info.name)
+    return hit is not None and (hit[0].drop or (hit[0].tied and tied))
+
+
+def base_model_name(ckpt: Checkpoint) -> str:
+    n = ckpt.config.get("_name_or_path")
+    if isinstance(n, str) and n and not os.path.isabs(n) and n.count("/") == 1:
+        return n
+    return ckpt.root.resolve().name

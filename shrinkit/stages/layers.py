@@ -1,0 +1,46 @@
+"""drop_layers: which parent layers the child keeps (in order), by rule or by list."""
+
+from __future__ import annotations
+
+from ..errors import RecipeError
+from ..recipe import DropLayers
+
+
+def count_from_lists(stage: DropLayers | None, n_parent: int) -> int | None:
+    if stage is None:
+        return None
+    if stage.keep is not None:
+        return len(stage.keep)
+    if stage.drop is not None:
+        return n_parent - len(stage.drop)
+    return None
+
+
+def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[float] | None = None) -> list[int]:
+    for what, lst in (("keep", stage.keep), ("drop", stage.drop)):
+        if lst is not None:
+            bad = [i for i in lst if not 0 <= i < n_parent]
+            if bad:
+                raise RecipeError(f"drop_layers.{what} names layer {bad[0]}, but the parent has layers 0..{n_parent - 1}")
+    if stage.keep is not None:
+        kept = sorted(stage.keep)
+    elif stage.drop is not None:
+        kept = [i for i in range(n_parent) if i not in set(stage.drop)]
+    elif stage.strategy == "first":
+        kept = list(range(n_child))
+    elif stage.strategy == "last":
+        kept = list(range(n_parent - n_child, n_parent))
+    elif stage.strategy == "middle":
+        n_drop = n_parent - n_child
+        start = (n_parent - n_drop) // 2
+        kept = [i for i in range(n_parent) if not start <= i < start + n_drop]
+    elif stage.strategy == "importance":
+        if influence is None:
+            raise RecipeError("drop_layers strategy importance needs calibration data")
+        order = sorted(range(n_parent), key=lambda i: (-influence[i], i))
+        kept = sorted(order[:n_child])
+    else:  # pragma: no cover - the recipe model forbids it
+        raise RecipeError(f"unknown drop_layers strategy {stage.strategy!r}")
+    if not kept:
+        raise RecipeError("drop_layers would keep no layer at all")
+    return kept
