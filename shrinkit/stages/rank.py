@@ -57,7 +57,7 @@ def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
     cols = torch.zeros(t2.shape[1], dtype=torch.float32) if 1 in axes else None
     step = max(1, CHUNK // max(1, t2.shape[1]))
     for r0 in range(0, t2.shape[0], step):
-        a = t2[r0:r0 + step].float().abs_()
+        a = t2[r0:r0 + step].to(torch.float32, copy=True).abs_()  # never in place on the mapped parent
         if rows is not None:
             torch.sum(a, dim=1, out=rows[r0:r0 + step])
         if cols is not None:

@@ -1,0 +1,175 @@
+"""Planted parents: random checkpoints in which chosen hidden dims, FFN neurons, KV groups
+(or query heads) and whole layers provably contribute nothing, because every weight that
+touches them is zero. The planting here is written per family by hand, independent of
+shrinkit's architecture maps, so a wrong map cannot hide behind a matching wrong planting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TINY_LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_hidden_layers=4, max_position_embeddings=64,
+                  rms_norm_eps=1e-12)
+
+
+@dataclass
+class Planted:
+    path: Path
+    dead_hidden: list[int] = field(default_factory=list)
+    dead_ffn: dict[int, list[int]] = field(default_factory=dict)      # parent layer -> neurons
+    dead_kv: dict[int, list[int]] = field(default_factory=dict)       # parent layer -> kv groups
+    dead_q: dict[int, list[int]] = field(default_factory=dict)        # parent layer -> query heads
+    dead_layers: list[int] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def _choose(gen, n, k):
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+def _randomize(model, gen):
+    """Weights with real spread (transformers' init is tiny and norms are all ones)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen) if "norm" in name.lower() or "ln_" in name
+                        else 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
+def llama_like(tmp: Path, model_type: str = "llama", *, dead_hidden=16, dead_ffn=32, dead_kv=1, dead_q_per_group=0,
+               dead_layers=(2,), tie=False, seed=0, dtype=torch.float32, **overrides) -> Planted:
+    """A Llama / Mistral / Qwen2 / Qwen3 parent with planted dead parts."""
+    import transformers
+
+    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+    kw = dict(TINY_LLAMA, tie_word_embeddings=tie, **overrides)
+    cfg = cfg_cls(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    H, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    r = nq // nkv
+    pl = Planted(tmp)
+    pl.dead_hidden = _choose(gen, H, dead_hidden) if dead_hidden else []
+    pl.dead_layers = list(dead_layers)
+    D = pl.dead_hidden
+    sd = model.model
+    with torch.no_grad():
+        sd.embed_tokens.weight[:, D] = 0
+        sd.norm.weight[D] = 0
+        if not tie:
+            model.lm_head.weight[:, D] = 0
+        for li, layer in enumerate(sd.layers):
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                lin.weight[:, D] = 0
+            a.o_proj.weight[D, :] = 0
+            m.down_proj.weight[D, :] = 0
+            layer.input_layernorm.weight[D] = 0
+            layer.post_attention_layernorm.weight[D] = 0
+            if dead_ffn:
+                fs = _choose(gen, F, dead_ffn)
+                pl.dead_ffn[li] = fs
+                m.gate_proj.weight[fs] = 0
+                m.up_proj.weight[fs] = 0
+                m.down_proj.weight[:, fs] = 0
+            qheads = []
+            if dead_kv:
+                gs = _choose(gen, nkv, dead_kv)
+                pl.dead_kv[li] = gs
+                for g in gs:
+                    for lin in (a.k_proj, a.v_proj):
+                        lin.weight[g * hd:(g + 1) * hd] = 0
+                        if lin.bias is not None:
+                            lin.bias[g * hd:(g + 1) * hd] = 0
+                    qheads += list(range(g * r, (g + 1) * r))
+            if dead_q_per_group:
+                for g in range(nkv):
+                    if g in pl.dead_kv.get(li, []):
+                        continue
+                    qheads += [g * r + j for j in _choose(gen, r, dead_q_per_group)]
+            pl.dead_q[li] = sorted(qheads)
+            for h in qheads:
+                a.q_proj.weight[h * hd:(h + 1) * hd] = 0
+                if a.q_proj.bias is not None:
+                    a.q_proj.bias[h * hd:(h + 1) * hd] = 0
+                a.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+            if li in pl.dead_layers:
+                a.o_proj.weight.zero_()
+                m.down_proj.weight.zero_()
+    model.to(dtype).save_pretrained(tmp)
+    pl.config = model.config.to_dict()
+    return pl
+
+
+def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None) -> Planted:
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_inner=n_inner,
+                                  layer_norm_epsilon=1e-12)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    F = n_inner or 4 * cfg.n_embd
+    pl = Planted(tmp, dead_layers=list(dead_layers))
+    with torch.no_grad():
+        for li, blk in enumerate(model.transformer.h):
+            fs = _choose(gen, F, dead_ffn)
+            pl.dead_ffn[li] = fs
+            blk.mlp.c_fc.weight[:, fs] = 0        # Conv1D: [in, out]
+            blk.mlp.c_fc.bias[fs] = 0
+            blk.mlp.c_proj.weight[fs, :] = 0
+            if li in pl.dead_layers:
+                for lin in (blk.attn.c_proj, blk.mlp.c_proj):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+    model.save_pretrained(tmp)
+    pl.config = model.config.to_dict()
+    return pl
+
+
+def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True) -> Planted:
+    """BERT is post-LayerNorm: a layer is the identity when its attention and FFN outputs are
+    zero and its LayerNorms (and the one before it) are the plain (1, 0) normalization."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, layer_norm_eps=1e-12)
+    torch.manual_seed(seed)
+    model = transformers.BertForMaskedLM(cfg) if mlm else transformers.BertModel(cfg, add_pooling_layer=True)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    core = model.bert if mlm else model
+    pl = Planted(tmp, dead_layers=list(dead_layers))
+    with torch.no_grad():
+        for li, layer in enumerate(core.encoder.layer):
+            fs = _choose(gen, cfg.intermediate_size, dead_ffn)
+            pl.dead_ffn[li] = fs
+            layer.intermediate.dense.weight[fs] = 0
+            layer.intermediate.dense.bias[fs] = 0
+            layer.output.dense.weight[:, fs] = 0
+            if li in pl.dead_layers:
+                prev = core.encoder.layer[li - 1].output.LayerNorm if li else core.embeddings.LayerNorm
+                for ln in (prev, layer.attention.output.LayerNorm, layer.output.LayerNorm):
+                    ln.weight.fill_(1.0)
+                    ln.bias.zero_()
+                for lin in (layer.attention.output.dense, layer.output.dense):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+    model.save_pretrained(tmp)
+    pl.config = model.config.to_dict()
+    return pl
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
