@@ -65,8 +65,8 @@ def prepare(ckpt: Checkpoint, recipe: Recipe) -> Plan:
         raise RecipeError("the target narrows the model, but the pipeline has no rank_neurons stage; add one")
     if drop is not None and drop.strategy != "importance":
         plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers)
-    else:
-        plan.layers = list(range(pdims.num_hidden_layers))
+    else:  # importance: calibration picks them later; the first N stand in for the config check
+        plan.layers = list(range(child.num_hidden_layers))
     rescale = recipe.stage("rescale_norms")
     if rescale is not None:
         f = rescale.factor if rescale.factor is not None else math.sqrt(pdims.hidden_size / child.hidden_size)
@@ -103,7 +103,8 @@ def check_out(out: Path, parent_root: Path, force: bool) -> None:
 
 def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike | None = None, *,
              force: bool = False, config: str | os.PathLike | None = None,
-             progress: Progress | None = None) -> Result:
+             progress: Progress | None = None, device: str = "cpu", tokenizer: str | os.PathLike | None = None,
+             verify: bool = False) -> Result:
     progress = progress or Progress()
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
@@ -117,7 +118,8 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            report = _run(ckpt, plan, recipe, tmp, progress, t_start)
+            opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
+            report = _run(ckpt, plan, recipe, tmp, progress, t_start, opts)
             _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +145,8 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, t_start: float) -> dict:
+def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, t_start: float,
+         opts: dict) -> dict:
     hashes: dict[str, str] = {}
     hasher = threading.Thread(target=_sha256_all, args=(ckpt.shard_paths, hashes), daemon=True)
     hasher.start()
@@ -166,14 +169,15 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 scores = magnitude_scores(ckpt, plan, need, set(layers), progress.advance)
             elif need and method == "activation":
                 from .calibrate import activation_scores
-                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress)
+                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts)
+                info["calibration"] = stage.calibration.model_dump()
                 scores = activation_scores(calib, plan, need)
             select(plan, method, scores, layers, recipe.seed)
         elif name == "drop_layers":
             info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
             if stage.strategy == "importance":
                 from .calibrate import layer_influence
-                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress)
+                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts)
                 influence = layer_influence(calib)
                 info["influence"] = [round(x, 6) for x in influence]
                 plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
@@ -195,12 +199,25 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
 
 
 def default_method(ckpt: Checkpoint) -> str:
-    return "magnitude"
+    """activation ranking when the parent has a tokenizer for the built-in text, else magnitude."""
+    from .calibrate import has_tokenizer
+    return "activation" if has_tokenizer(ckpt.root) else "magnitude"
 
 
-def _calibration(ckpt, plan, calib_spec, seed, progress):
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _calibration(ckpt, plan, calib_spec, seed, progress, opts):
     from .calibrate import calibrate
-    return calibrate(ckpt, plan, calib_spec, seed=seed, progress=progress)
+    return calibrate(ckpt, plan, calib_spec, seed=seed, progress=progress, device=opts["device"],
+                     tokenizer=opts["tokenizer"])
 
 
 def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list) -> dict:

@@ -1,0 +1,359 @@
+"""Calibration: run the parent one block at a time over calibration tokens and record
+activation statistics, in memory bounded by one block plus the activations plus the embedding.
+
+The block math is transformers' own modules: the model skeleton is built with its parameters
+on the meta device (accelerate's init_empty_weights), and each block's parameters are loaded
+from the shards just before all calibration activations pass through it, then dropped again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoint.reader import Checkpoint
+from .errors import ParentError, RecipeError, UsageError
+from .families.spaces import Space
+from .plan import Plan
+from .recipe import Calibration
+from .stages.rank import Scores
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+MAX_TEXT_CHARS = 16_000_000
+
+
+# ------------------------------------------------------------------ family adapters
+@dataclass(frozen=True)
+class Adapter:
+    auto: str                 # transformers Auto class that builds the model from its config
+    base: str                 # the base model inside it ("" for the model itself)
+    layers: str               # the ModuleList of blocks, relative to base
+    out_proj: str             # attention output projection, relative to a block
+    down_proj: str            # FFN down projection, relative to a block
+    out_proj_in_first: bool   # weight stored [in, out] (GPT-2 Conv1D) rather than [out, in]
+    final_norm: str | None    # relative to base
+    head: str | None          # output head, relative to the model
+    causal: bool
+
+
+ADAPTERS = {
+    "llama": Adapter("AutoModelForCausalLM", "model", "layers", "self_attn.o_proj", "mlp.down_proj", False,
+                     "norm", "lm_head", True),
+    "gpt2": Adapter("AutoModelForCausalLM", "transformer", "h", "attn.c_proj", "mlp.c_proj", True,
+                    "ln_f", "lm_head", True),
+    "bert": Adapter("AutoModel", "", "encoder.layer", "attention.output.dense", "output.dense", False,
+                    None, None, False),
+}
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / m).is_file() for m in TOKENIZER_MARKERS)
+
+
+# ------------------------------------------------------------------ calibration data
+def _text(data: str) -> str:
+    if data == "builtin":
+        return resources.files("shrinkit").joinpath("data/english.txt").read_text(encoding="utf-8")
+    p = Path(data)
+    if not p.is_file():
+        raise RecipeError(f"calibration data {data!r} is neither builtin, random_tokens nor an existing .txt/.jsonl file")
+    if p.suffix == ".jsonl":
+        parts = []
+        n = 0
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    t = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise RecipeError(f"{p}:{i + 1}: each .jsonl line must be an object with a \"text\" field") from None
+                parts.append(str(t))
+                n += len(t)
+                if n > MAX_TEXT_CHARS:
+                    break
+        return "\n\n".join(parts)
+    with open(p, encoding="utf-8", errors="replace") as f:
+        return f.read(MAX_TEXT_CHARS)
+
+
+def load_tokenizer(ckpt: Checkpoint, tokenizer: str | Path | None):
+    folder = Path(tokenizer) if tokenizer else ckpt.root
+    if not has_tokenizer(folder):
+        if tokenizer:
+            raise UsageError(f"--tokenizer {tokenizer} holds no tokenizer files")
+        raise UsageError(f"the parent {ckpt.root} has no tokenizer for calibration text; pass --tokenizer PATH, "
+                         "use `calibration: {data: random_tokens}`, or rank with `method: magnitude`")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def calibration_tokens(ckpt: Checkpoint, spec: Calibration, vocab: int, *, seed: int, split: str = "calib",
+                       tokenizer: str | Path | None = None) -> torch.Tensor:
+    """[samples, seq_len] token ids. Text is split 90/10: calibration windows come from the first
+    90%, held-out windows (split="heldout") from the last 10%."""
+    if spec.data == "random_tokens":
+        g = torch.Generator().manual_seed(seed + (1 if split == "heldout" else 0))
+        return torch.randint(0, vocab, (spec.samples, spec.seq_len), generator=g)
+    text = _text(spec.data)
+    cut = int(len(text) * 0.9)
+    text = text[:cut] if split == "calib" else text[cut:]
+    tok = load_tokenizer(ckpt, tokenizer)
+    ids = tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < spec.seq_len:
+        raise RecipeError(f"calibration data gives only {len(ids)} tokens for the {split} split, fewer than seq_len "
+                          f"{spec.seq_len}; use more text or a shorter seq_len")
+    ids = torch.tensor(ids, dtype=torch.long)
+    starts = torch.linspace(0, len(ids) - spec.seq_len, spec.samples).long()
+    return torch.stack([ids[s:s + spec.seq_len] for s in starts.tolist()])
+
+
+# ------------------------------------------------------------------ block-at-a-time model
+class BlockModel:
+    """The parent as transformers modules whose weights live on disk until a block needs them."""
+
+    def __init__(self, ckpt: Checkpoint, family_name: str, device: str = "cpu"):
+        import transformers
+        from accelerate import init_empty_weights
+
+        if family_name not in ADAPTERS:
+            raise ParentError(f"calibration does not support the {family_name} family yet; use method: magnitude")
+        self.ckpt = ckpt
+        self.ad = ADAPTERS[family_name]
+        self.device = torch.device(device)
+        cfg_dict = dict(ckpt.config)
+        cfg = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **{
+            k: v for k, v in cfg_dict.items() if k not in ("torch_dtype", "dtype", "quantization_config")})
+        with init_empty_weights(include_buffers=False):
+            self.model = getattr(transformers, self.ad.auto).from_config(cfg, attn_implementation="sdpa",
+                                                                        dtype=torch.float32)
+        self.model.eval()
+        self.config = cfg
+        self.base = self.model.get_submodule(self.ad.base) if self.ad.base else self.model
+        self.layers = self.base.get_submodule(self.ad.layers)
+        for b in self.model.buffers():  # rotary inv_freq, position ids: real, small
+            b.data = b.data.to(self.device)
+        self._index = self._key_index()
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+
+    def _key_index(self) -> dict[str, str]:
+        """Map each model parameter name to its checkpoint key (prefixes may differ)."""
+        by_suffix: dict[str, str | None] = {}
+        for k in self.ckpt.tensors:
+            parts = k.split(".")
+            for i in range(len(parts) - 1):
+                s = ".".join(parts[i:])
+                by_suffix[s] = None if s in by_suffix and by_suffix[s] != k else k
+        out = {}
+        for n, _ in self.model.named_parameters():
+            if n in self.ckpt.tensors:
+                out[n] = n
+                continue
+            parts = n.split(".")
+            for i in range(1, len(parts) - 1):
+                k = by_suffix.get(".".join(parts[i:]))
+                if k:
+                    out[n] = k
+                    break
+            else:
+                k = by_suffix.get(n)
+                if k:
+                    out[n] = k
+        return out
+
+    def _full(self, module: torch.nn.Module) -> str:
+        for n, m in self.model.named_modules():
+            if m is module:
+                return n
+        raise KeyError(module)
+
+    def load(self, module: torch.nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self._full(module)
+        for n, _ in list(module.named_parameters()):
+            full = f"{prefix}.{n}" if prefix else n
+            key = self._index.get(full)
+            if key is None and self.tied and self.ad.head and full == f"{self.ad.head}.weight":
+                key = self._index.get(self._embedding_param())
+            if key is None:
+                raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
+            value = self.ckpt.get(key).to(device=self.device, dtype=torch.float32)
+            set_module_tensor_to_device(self.model, full, self.device, value=value)
+
+    def free(self, module: torch.nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self._full(module)
+        for n, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(self.model, f"{prefix}.{n}" if prefix else n, "meta")
+
+    def _embedding_param(self) -> str:
+        emb = self.model.get_input_embeddings()
+        return f"{self._full(emb)}.weight"
+
+    # -- the three pieces of a forward pass
+    def embed(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """Embeddings of every sample, float32 on CPU: [N, T, H]."""
+        mods = self._embedding_modules()
+        for m in mods:
+            self.load(m)
+        outs = []
+        with torch.no_grad():
+            for s in range(0, len(ids), batch):
+                x = ids[s:s + batch].to(self.device)
+                outs.append(self._embed_call(x).float().cpu())
+        for m in mods:
+            self.free(m)
+        return torch.cat(outs)
+
+    def _embedding_modules(self):
+        if self.ad.base == "transformer":  # GPT-2: token + position embeddings
+            return [self.base.wte, self.base.wpe]
+        if self.ad.auto == "AutoModel":      # BERT: the embeddings block (with its LayerNorm)
+            return [self.base.embeddings]
+        return [self.model.get_input_embeddings()]
+
+    def _embed_call(self, x):
+        if self.ad.base == "transformer":
+            pos = torch.arange(x.shape[1], device=x.device)[None]
+            return self.base.wte(x) + self.base.wpe(pos)
+        if self.ad.auto == "AutoModel":
+            return self.base.embeddings(input_ids=x)
+        return self.model.get_input_embeddings()(x)
+
+    def layer_call(self, layer, x):
+        if self.ad.base == "model":  # Llama family: rotary position embeddings from the model
+            pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+            pe = self.base.rotary_emb(x, pos)
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        else:
+            y = layer(x, attention_mask=None)
+        return y[0] if isinstance(y, tuple) else y
+
+    def run_layers(self, h: torch.Tensor, batch: int, observe=None, progress=None) -> torch.Tensor:
+        """Push all activations through every block, one block resident at a time (in place)."""
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                self.load(layer)
+                hooks = observe.attach(i, layer) if observe else []
+                try:
+                    for s in range(0, len(h), batch):
+                        x = h[s:s + batch].to(self.device)
+                        y = self.layer_call(layer, x)
+                        if observe:
+                            observe.residual(i, x, y)
+                        h[s:s + batch] = y.float().cpu()
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+                    self.free(layer)
+                if progress is not None:
+                    progress.advance(self._layer_bytes(i))
+        return h
+
+    def _layer_bytes(self, i: int) -> int:
+        prefix = self._full(self.layers[i]) + "."
+        return sum(self.ckpt.tensors[k].nbytes for n, k in self._index.items() if n.startswith(prefix))
+
+    def final_norm(self):
+        return self.base.get_submodule(self.ad.final_norm) if self.ad.final_norm else None
+
+    def head(self):
+        return self.model.get_submodule(self.ad.head) if self.ad.head else None
+
+
+# ------------------------------------------------------------------ statistics
+@dataclass
+class CalibStats:
+    hidden: torch.Tensor | None = None                      # sum over residual states of mean |x|
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    influence: list[float] = field(default_factory=list)    # Block Influence per layer
+    tokens: int = 0
+
+
+class Observer:
+    def __init__(self, bm: BlockModel, head_dim: int, n_heads: int, n_layers: int):
+        self.bm = bm
+        self.hd = head_dim
+        self.nh = n_heads
+        self.st = CalibStats()
+        self._bi = [0.0] * n_layers
+        self._n = [0] * n_layers
+        self.n_layers = n_layers
+
+    def attach(self, i: int, layer) -> list:
+        ad = self.bm.ad
+        out_proj = layer.get_submodule(ad.out_proj)
+        down = layer.get_submodule(ad.down_proj)
+
+        def on_down(mod, args):
+            a = args[0].detach()
+            v = a.abs().reshape(-1, a.shape[-1]).sum(0).double().cpu()
+            self.st.ffn[i] = self.st.ffn.get(i, 0) + v
+
+        def on_out(mod, args):
+            z = args[0].detach()
+            z = z.reshape(-1, z.shape[-1])
+            w = mod.weight
+            contrib = torch.empty(self.nh, dtype=torch.float64)
+            for h in range(self.nh):
+                sl = slice(h * self.hd, (h + 1) * self.hd)
+                wh = w[sl, :] if ad.out_proj_in_first else w[:, sl].T   # [hd, H]
+                contrib[h] = (z[:, sl] @ wh).norm(dim=-1).sum().double().cpu()
+            self.st.heads[i] = self.st.heads.get(i, 0) + contrib
+
+        return [down.register_forward_pre_hook(on_down), out_proj.register_forward_pre_hook(on_out)]
+
+    def residual(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        xa = x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu()
+        self.st.hidden = xa if self.st.hidden is None else self.st.hidden + xa
+        if i == self.n_layers - 1:
+            self.st.hidden += y.abs().reshape(-1, y.shape[-1]).sum(0).double().cpu()
+        cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]).double(),
+                                                    y.reshape(-1, y.shape[-1]).double(), dim=-1)
+        self._bi[i] += float((1 - cos).sum())
+        self._n[i] += cos.numel()
+
+    def finish(self) -> CalibStats:
+        n = max(self._n[0], 1)
+        self.st.tokens = n
+        self.st.hidden = self.st.hidden / n
+        self.st.ffn = {k: v / n for k, v in self.st.ffn.items()}
+        self.st.heads = {k: v / n for k, v in self.st.heads.items()}
+        self.st.influence = [b / max(c, 1) for b, c in zip(self._bi, self._n)]
+        return self.st
+
+
+def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0, progress=None,
+              device: str = "cpu", tokenizer=None) -> CalibStats:
+    """Activation statistics of the parent over the calibration tokens, one block at a time."""
+    ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
+    bm = BlockModel(ckpt, plan.family.name, device)
+    if progress is not None:
+        progress.phase(f"calibrate ({spec.samples}x{spec.seq_len} tokens)",
+                       sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
+    h = bm.embed(ids, spec.batch_size)
+    obs = Observer(bm, plan.parent.head_dim, plan.parent.num_attention_heads, len(bm.layers))
+    bm.run_layers(h, spec.batch_size, obs, progress)
+    return obs.finish()
+
+
+def activation_scores(stats: CalibStats, plan: Plan, need: set[Space]) -> Scores:
+    sc = Scores()
+    if Space.HIDDEN in need:
+        sc.hidden = stats.hidden
+    if Space.FFN in need:
+        sc.ffn = dict(stats.ffn)
+    if Space.Q_HEADS in need:
+        sc.q_heads = dict(stats.heads)
+    return sc
+
+
+def layer_influence(stats: CalibStats) -> list[float]:
+    return list(stats.influence)

@@ -1,0 +1,102 @@
+"""Activation ranking and Block-Influence layer dropping on planted parents, and the
+block-at-a-time forward against a whole-model forward with hooks."""
+
+import pytest
+import torch
+
+import planted
+from helpers import logits, run, tokens
+from planted import rel_err
+from test_planted import LLAMA_TARGET, check_kept
+
+CALIB = {"data": "random_tokens", "samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+def act_stages(rescale=True, strategy="importance"):
+    s = [{"rank_neurons": {"method": "activation", "calibration": CALIB}},
+         {"drop_layers": {"strategy": strategy, "calibration": CALIB}}, {"slice_embeddings": {}}]
+    return s + ([{"rescale_norms": {}}] if rescale else [])
+
+
+@pytest.mark.parametrize("model_type,tie,extra", [("llama", False, {}), ("qwen2", True, {"attention_bias": True}),
+                                                  ("qwen3", False, {})])
+def test_llama_family_activation_finds_everything(tmp_path, model_type, tie, extra):
+    pl = planted.llama_like(tmp_path / "parent", model_type, tie=tie, **extra)
+    res = run(pl.path, tmp_path / "child", target=LLAMA_TARGET, stages=act_stages())
+    check_kept(res.report, pl, n_hidden=64, n_ffn=96, nq=4, nkv=2)
+    infl = res.report["stages"][1]["influence"]
+    assert infl[2] < 1e-9 < min(infl[i] for i in (0, 1, 3))
+    ids = tokens(96)
+    assert rel_err(logits(tmp_path / "child", ids), logits(pl.path, ids)) < 1e-4
+
+
+def test_activation_query_heads_only(tmp_path):
+    """Heads whose o_proj columns are zero score zero even though their queries are not."""
+    pl = planted.llama_like(tmp_path / "parent", num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                            dead_kv=0, dead_q_per_group=2, dead_hidden=0, dead_ffn=0, dead_layers=())
+    res = run(pl.path, tmp_path / "child", target=dict(num_attention_heads=4),
+              stages=[{"rank_neurons": {"method": "activation", "calibration": CALIB}}, {"slice_embeddings": {}}])
+    check_kept(res.report, pl, nq=8)
+
+
+def test_activation_negative_control(tmp_path):
+    """Middle-dropping removes a live layer: the child must then differ from the parent."""
+    pl = planted.llama_like(tmp_path / "parent", dead_layers=(3,))
+    ids = tokens(96)
+    run(pl.path, tmp_path / "child", target=LLAMA_TARGET, stages=act_stages(strategy="middle"))
+    assert rel_err(logits(tmp_path / "child", ids), logits(pl.path, ids)) > 1e-2
+
+
+def test_gpt2_and_bert_activation(tmp_path):
+    pl = planted.gpt2(tmp_path / "g")
+    res = run(pl.path, tmp_path / "gc", target=dict(intermediate_size=224, num_hidden_layers=3), stages=act_stages())
+    check_kept(res.report, pl, n_ffn=256)
+    ids = tokens(96)
+    assert rel_err(logits(tmp_path / "gc", ids), logits(pl.path, ids)) < 1e-4
+    pl = planted.bert(tmp_path / "b", mlm=False)
+    res = run(pl.path, tmp_path / "bc", target=dict(intermediate_size=96, num_hidden_layers=3), stages=act_stages())
+    check_kept(res.report, pl, n_ffn=128)
+    assert rel_err(logits(tmp_path / "bc", ids, "AutoModel"), logits(pl.path, ids, "AutoModel")) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_block_forward_matches_whole_model(tmp_path, kind):
+    """Streaming changes nothing but memory: the same statistics as a whole-model forward with hooks."""
+    import transformers
+
+    from shrinkit.calibrate import ADAPTERS, calibrate
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.pipeline import prepare
+    from shrinkit.recipe import Calibration
+    from helpers import recipe
+
+    pl = {"llama": planted.llama_like, "gpt2": planted.gpt2, "bert": lambda p: planted.bert(p, mlm=False)}[kind](tmp_path / "p")
+    spec = Calibration(data="random_tokens", samples=6, seq_len=16, batch_size=4)
+    with open_checkpoint(pl.path) as ck:
+        plan = prepare(ck, recipe())
+        st = calibrate(ck, plan, spec, seed=0)
+        from shrinkit.calibrate import calibration_tokens
+        ids = calibration_tokens(ck, spec, plan.parent.vocab_size, seed=0)
+    ad = ADAPTERS[plan.family.name]
+    model = getattr(transformers, ad.auto).from_pretrained(pl.path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    base = model.get_submodule(ad.base) if ad.base else model
+    ffn, io = {}, {}
+    for i, layer in enumerate(base.get_submodule(ad.layers)):
+        layer.get_submodule(ad.down_proj).register_forward_pre_hook(
+            lambda m, a, i=i: ffn.__setitem__(i, a[0].abs().reshape(-1, a[0].shape[-1]).sum(0)))
+        layer.register_forward_hook(
+            lambda m, a, kw, out, i=i: io.__setitem__(i, (a[0] if a else kw["hidden_states"],
+                                                          out[0] if isinstance(out, tuple) else out)),
+            with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    ntok = ids.numel()
+    flat = lambda t: t.reshape(-1, t.shape[-1])
+    n = len(io)
+    ref_hidden = (sum(flat(io[i][0]).abs().sum(0) for i in range(n)) + flat(io[n - 1][1]).abs().sum(0)) / ntok
+    assert rel_err(st.hidden, ref_hidden) < 1e-5
+    for i in ffn:
+        assert rel_err(st.ffn[i], ffn[i] / ntok) < 1e-5
+    bi = [float((1 - torch.nn.functional.cosine_similarity(flat(io[i][0]).double(), flat(io[i][1]).double(), dim=-1)).mean())
+          for i in range(n)]
+    assert max(abs(a - b) for a, b in zip(st.influence, bi)) < 1e-6
