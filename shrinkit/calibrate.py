@@ -103,6 +103,7 @@ def calibration_tokens(ckpt: Checkpoint, spec: Calibration, vocab: int, *, seed:
     cut = int(len(text) * 0.9)
     text = text[:cut] if split == "calib" else text[cut:]
     tok = load_tokenizer(ckpt, tokenizer)
+    tok.model_max_length = 1 << 60  # one long text, cut into windows below; silences the length warning
     ids = tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if len(ids) < spec.seq_len:
         raise RecipeError(f"calibration data gives only {len(ids)} tokens for the {split} split, fewer than seq_len "
@@ -298,15 +299,17 @@ class Observer:
             self.st.ffn[i] = self.st.ffn.get(i, 0) + v
 
         def on_out(mod, args):
+            # each head's contribution to the residual stream: |O_h z_h| per token
             z = args[0].detach()
-            z = z.reshape(-1, z.shape[-1])
+            z = z.reshape(-1, self.nh, self.hd).transpose(0, 1)            # [heads, T, hd]
             w = mod.weight
-            contrib = torch.empty(self.nh, dtype=torch.float64)
-            for h in range(self.nh):
-                sl = slice(h * self.hd, (h + 1) * self.hd)
-                wh = w[sl, :] if ad.out_proj_in_first else w[:, sl].T   # [hd, H]
-                contrib[h] = (z[:, sl] @ wh).norm(dim=-1).sum().double().cpu()
-            self.st.heads[i] = self.st.heads.get(i, 0) + contrib
+            wh = (w.view(self.nh, self.hd, -1) if ad.out_proj_in_first
+                  else w.view(w.shape[0], self.nh, self.hd).permute(1, 2, 0))  # [heads, hd, H]
+            step = max(1, (1 << 25) // (self.nh * w.numel() // (self.nh * self.hd)))
+            contrib = torch.zeros(self.nh, dtype=torch.float64, device=z.device)
+            for t0 in range(0, z.shape[1], step):
+                contrib += torch.bmm(z[:, t0:t0 + step], wh).norm(dim=-1).sum(1).double()
+            self.st.heads[i] = self.st.heads.get(i, 0) + contrib.cpu()
 
         return [down.register_forward_pre_hook(on_down), out_proj.register_forward_pre_hook(on_out)]
 
@@ -315,9 +318,8 @@ class Observer:
         self.st.hidden = xa if self.st.hidden is None else self.st.hidden + xa
         if i == self.n_layers - 1:
             self.st.hidden += y.abs().reshape(-1, y.shape[-1]).sum(0).double().cpu()
-        cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]).double(),
-                                                    y.reshape(-1, y.shape[-1]).double(), dim=-1)
-        self._bi[i] += float((1 - cos).sum())
+        cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
+        self._bi[i] += float((1 - cos.double()).sum())
         self._n[i] += cos.numel()
 
     def finish(self) -> CalibStats:

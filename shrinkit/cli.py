@@ -118,6 +118,8 @@ def _progress(quiet: bool):
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="The YAML recipe (see recipes/).")
 ConfigOpt = typer.Option(None, "--config", help="config.json of a single-file parent.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+DeviceOpt = typer.Option("cpu", "--device", help="Where calibration and verification run: cpu, cuda or auto.")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="Tokenizer folder for calibration text (default: the parent's).")
 
 
 @app.command()
@@ -128,6 +130,9 @@ def subclone(
     force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only the result."),
     config: Optional[Path] = ConfigOpt,
+    device: str = DeviceOpt,
+    tokenizer: Optional[Path] = TokenizerOpt,
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the child on held-out text."),
     debug: bool = DebugOpt,
 ):
     """Write a child checkpoint cut out of PARENT by RECIPE."""
@@ -136,12 +141,49 @@ def subclone(
         from .recipe import load_recipe
 
         r = load_recipe(recipe)
-        res = run(parent, r, out, force=force, config=config, progress=_progress(quiet))
+        res = run(parent, r, out, force=force, config=config, progress=_progress(quiet), device=device,
+                  tokenizer=tokenizer, verify=not no_verify)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     c = res.report["child"]
+    if "verify" in res.report:
+        typer.echo("\n".join(res.report["verify"]["table"]))
     typer.echo(f"wrote {res.out} ({c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB) "
                f"in {res.report['seconds']:.2f} s")
+
+
+@app.command()
+def verify(
+    parent: Path = typer.Argument(..., help="The parent: Hugging Face model folder, or a .safetensors file."),
+    child: Path = typer.Argument(..., help="The child folder."),
+    data: str = typer.Option("builtin", "--data", help="builtin | random_tokens | PATH (.txt or .jsonl)."),
+    samples: int = typer.Option(16, "--samples", min=2),
+    seq_len: int = typer.Option(256, "--seq-len", min=2),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    config: Optional[Path] = ConfigOpt,
+    device: str = DeviceOpt,
+    tokenizer: Optional[Path] = TokenizerOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = DebugOpt,
+):
+    """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child)."""
+    try:
+        from .checkpoint.reader import open_checkpoint
+        from .pipeline import resolve_device
+        from .recipe import Verify
+        from .verify import check_child, verify_child
+
+        check_child(child)
+        spec = Verify(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size)
+        with open_checkpoint(parent, config) as ck:
+            v = verify_child(ck, child, spec, device=resolve_device(device), tokenizer=tokenizer)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+    if json_out:
+        import json
+        typer.echo(json.dumps(v, indent=2))
+    else:
+        typer.echo("\n".join(v["table"]))
 
 
 @app.command()

@@ -190,8 +190,18 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         stages.append(info)
     if not plan.ranked:
         select(plan, "first", None, plan.layers, recipe.seed)  # widths unchanged: keeps everything
+    verified = None
+    if opts.get("verify"):
+        from .verify import verify_child
+        t0 = time.perf_counter()
+        progress.phase("verify", 0)
+        verified = verify_child(ckpt, tmp, recipe.verify, device=opts["device"], tokenizer=opts["tokenizer"],
+                                seed=recipe.seed)
+        verified["seconds"] = round(time.perf_counter() - t0, 3)
     hasher.join()
     report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start)
+    if verified is not None:
+        report["verify"] = verified
     (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "shrinkit_report.md").write_text(report_markdown(report))
     (tmp / "README.md").write_text(model_card(report))

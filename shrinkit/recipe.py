@@ -33,6 +33,11 @@ class Calibration(Strict):
     batch_size: PositiveInt = 8
 
 
+class Verify(Calibration):
+    samples: PositiveInt = 16
+    batch_size: PositiveInt = 4
+
+
 class RankNeurons(Strict):
     method: Optional[Literal["activation", "magnitude", "uniform", "first", "random"]] = None
     calibration: Calibration = Field(default_factory=Calibration)
@@ -90,6 +95,7 @@ class Recipe(Strict):
     stages: list[dict] = Field(default_factory=lambda: [
         {"rank_neurons": {}}, {"drop_layers": {}}, {"slice_embeddings": {}}, {"rescale_norms": {}}])
     output: Output = Field(default_factory=Output)
+    verify: Verify = Field(default_factory=Verify)
     seed: int = 0
     name: Optional[str] = None
 

@@ -234,7 +234,7 @@ def test_single_file_parent_with_config_elsewhere(tmp_path):
     rp = tmp_path / "r.yaml"
     import yaml
     rp.write_text(yaml.safe_dump(dict(target=CUT, stages=stages(drop=[2]))))
-    res = CliRunner().invoke(app, ["subclone", str(f), "-r", str(rp), "-o", str(tmp_path / "child_cli"), "-q",
+    res = CliRunner().invoke(app, ["subclone", str(f), "-r", str(rp), "-o", str(tmp_path / "child_cli"), "-q", "--no-verify",
                                    "--config", str(cdir / "config.json")])
     assert res.exit_code == 0, res.output
     forward_ok(tmp_path / "child_cli")
@@ -434,15 +434,21 @@ def bert_parent(path: Path, mlm: bool, seed=0) -> Path:
 @pytest.mark.parametrize("mlm", [False, True])
 def test_bert_hidden_cut_loads(tmp_path, mlm):
     parent = bert_parent(tmp_path / "parent", mlm)
+    # older BERT checkpoints store the integer position_ids buffer: it passes through, still integer
+    pre = "bert." if mlm else ""
+    sd = load_file(str(parent / "model.safetensors"))
+    sd[pre + "embeddings.position_ids"] = torch.arange(64).view(1, 64)
+    save_file(sd, str(parent / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "child"
     run(parent, out, target=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2),
-        stages=stages(strategy="first"))
+        stages=stages(strategy="first"), output={"dtype": "bfloat16"} if mlm else {})
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == \
         (32, 2, 64, 2)
     c = read_all(out)
-    pre = "bert." if mlm else ""
     assert c[pre + "embeddings.position_embeddings.weight"].shape == (64, 32)
+    assert c[pre + "embeddings.position_embeddings.weight"].dtype == (torch.bfloat16 if mlm else torch.float32)
+    assert torch.equal(c[pre + "embeddings.position_ids"], torch.arange(64).view(1, 64))
     assert c[pre + "embeddings.token_type_embeddings.weight"].shape == (2, 32)
     assert not any(".layer.2." in k or ".layer.3." in k for k in c)
     if mlm:

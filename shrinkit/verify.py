@@ -1,0 +1,136 @@
+"""Verification: how much of the parent survived in the child, measured on held-out text and
+compared with a random-init child of the same shape so the numbers mean something.
+
+Causal LMs: loss and perplexity of parent, child and random child, and the KL divergence of
+the child's next-token distribution from the parent's. Encoders: how well the child keeps the
+parent's pairwise cosine similarities of mean-pooled embeddings (Pearson and Spearman). The
+parent runs one block at a time (shrinkit.calibrate.BlockModel), as in calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .calibrate import BlockModel, calibration_tokens, has_tokenizer
+from .checkpoint.reader import Checkpoint, open_checkpoint
+from .errors import UsageError
+from .families import family_for
+from .recipe import Calibration
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    d = a.norm() * b.norm()
+    return float((a @ b) / d) if d > 0 else 0.0
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    rank = lambda x: torch.argsort(torch.argsort(x)).double()
+    return _pearson(rank(a), rank(b))
+
+
+def _pairwise(e: torch.Tensor) -> torch.Tensor:
+    e = F.normalize(e.double(), dim=-1)
+    iu = torch.triu_indices(len(e), len(e), 1)
+    return (e @ e.T)[iu[0], iu[1]]
+
+
+def _load_child(child: Path, auto: str, device, random_init: bool, seed: int):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+    cls = getattr(transformers, auto)
+    if random_init:
+        cfg = transformers.AutoConfig.from_pretrained(str(child))
+        torch.manual_seed(seed)
+        m = cls.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        m = cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation="sdpa")
+    return m.to(device).eval()
+
+
+def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calibration | None = None, *,
+                 device: str = "cpu", tokenizer=None, seed: int = 0) -> dict:
+    ckpt = parent if isinstance(parent, Checkpoint) else open_checkpoint(parent)
+    spec = spec or Calibration(samples=16, seq_len=256, batch_size=4)
+    note = None
+    if spec.data == "builtin" and not tokenizer and not has_tokenizer(ckpt.root):
+        spec = spec.model_copy(update={"data": "random_tokens"})
+        note = "the parent has no tokenizer: verified on random tokens"
+    fam = family_for(ckpt.config)
+    vocab = fam.dims(ckpt.config).vocab_size
+    ids = calibration_tokens(ckpt, spec, vocab, seed=seed, split="heldout", tokenizer=tokenizer)
+    bm = BlockModel(ckpt, fam.name, device)
+    h = bm.embed(ids, spec.batch_size)
+    bm.run_layers(h, spec.batch_size)
+    dev = bm.device
+    out = {"data": spec.data, "samples": spec.samples, "seq_len": spec.seq_len, "tokens": ids.numel()}
+    if note:
+        out["note"] = note
+    child = Path(child)
+    models = {"child": _load_child(child, bm.ad.auto, dev, False, seed),
+              "random_init": _load_child(child, bm.ad.auto, dev, True, seed)}
+    with torch.no_grad():
+        if bm.ad.causal:
+            out["kind"] = "causal_lm"
+            norm, head = bm.final_norm(), bm.head()
+            for m in (norm, head):
+                bm.load(m)
+            tot = {k: {"nll": 0.0, "kl": 0.0} for k in ("parent", *models)}
+            n_pred, n_pos = 0, 0
+            for s in range(0, len(ids), spec.batch_size):
+                x = ids[s:s + spec.batch_size].to(dev)
+                lp = F.log_softmax(head(norm(h[s:s + spec.batch_size].to(dev))).float(), -1)
+                logps = {"parent": lp}
+                for k, m in models.items():
+                    logps[k] = F.log_softmax(m(input_ids=x).logits.float(), -1)
+                tgt = x[:, 1:].reshape(-1)
+                for k, l in logps.items():
+                    tot[k]["nll"] += float(F.nll_loss(l[:, :-1].reshape(-1, l.shape[-1]), tgt, reduction="sum"))
+                    if k != "parent":
+                        tot[k]["kl"] += float((lp.exp() * (lp - l)).sum())
+                n_pred += tgt.numel()
+                n_pos += x.numel()
+            for k, v in tot.items():
+                loss = v["nll"] / n_pred
+                out[k] = {"loss": loss, "perplexity": math.exp(min(loss, 700))}
+                if k != "parent":
+                    out[k]["kl"] = v["kl"] / n_pos
+        else:
+            out["kind"] = "encoder"
+            ref = _pairwise(h.mean(1))
+            for k, m in models.items():
+                pooled = torch.cat([m(input_ids=ids[s:s + spec.batch_size].to(dev)).last_hidden_state.float().mean(1).cpu()
+                                    for s in range(0, len(ids), spec.batch_size)])
+                sims = _pairwise(pooled)
+                out[k] = {"similarity_pearson": _pearson(sims, ref), "similarity_spearman": _spearman(sims, ref)}
+    out["table"] = table(out)
+    return out
+
+
+def table(v: dict) -> list[str]:
+    if v["kind"] == "causal_lm":
+        rows = ["| model | loss | perplexity | KL(parent ‖ model) |", "|---|---:|---:|---:|"]
+        for k in ("parent", "child", "random_init"):
+            r = v[k]
+            kl = f"{r['kl']:.4f}" if "kl" in r else "0"
+            rows.append(f"| {k} | {r['loss']:.4f} | {r['perplexity']:.2f} | {kl} |")
+    else:
+        rows = ["| model | similarity Pearson r | similarity Spearman ρ |", "|---|---:|---:|",
+                "| parent | 1.0000 | 1.0000 |"]
+        for k in ("child", "random_init"):
+            r = v[k]
+            rows.append(f"| {k} | {r['similarity_pearson']:.4f} | {r['similarity_spearman']:.4f} |")
+    rows.append("")
+    rows.append(f"Held-out data: {v['data']}, {v['samples']} x {v['seq_len']} tokens." + (f" ({v['note']})" if "note" in v else ""))
+    return rows
+
+
+def check_child(child: Path) -> None:
+    if not (child / "config.json").is_file():
+        raise UsageError(f"child {child} has no config.json; pass the folder that shrinkit subclone wrote")
