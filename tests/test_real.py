@@ -1,0 +1,57 @@
+"""Real parents shipped inside PyPI wheels (see bench/assets.py). Marked slow."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load, recipe
+from shrinkit.pipeline import subclone
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+pytestmark = pytest.mark.slow
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_minilm_subclones_and_loads(tmp_path):
+    import assets
+    from shrinkit.recipe import load_recipe
+
+    parent = assets.minilm()
+    res = subclone(parent, load_recipe(RECIPES / "minilm-l3-h256.yaml"), tmp_path / "child", verify=True)
+    m = load(tmp_path / "child", "AutoModel")
+    assert m.config.num_hidden_layers == 3 and m.config.hidden_size == 256
+    v = res.report["verify"]
+    assert v["kind"] == "encoder"
+    # the cut keeps far more of the parent's geometry than a random init of the same shape
+    assert v["child"]["similarity_spearman"] > v["random_init"]["similarity_spearman"] + 0.2
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "child")
+    with torch.no_grad():
+        out = m(**tok(["a sentence", "another one"], return_tensors="pt", padding=True))
+    assert out.last_hidden_state.shape[-1] == 256
+
+
+def test_smollm2_activation_with_verification(tmp_path):
+    import assets
+
+    parent = assets.smollm2()
+    r = recipe(target=dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
+                           num_hidden_layers=15),
+               stages=[{"rank_neurons": {"method": "activation", "calibration": {"samples": 8, "seq_len": 128}}},
+                       {"drop_layers": {"strategy": "importance", "calibration": {"samples": 8, "seq_len": 128}}},
+                       {"slice_embeddings": {}}, {"rescale_norms": {}}],
+               verify={"samples": 4, "seq_len": 128},
+               output={"dtype": "bfloat16"})
+    res = subclone(parent, r, tmp_path / "child", verify=True)
+    rep = json.loads((tmp_path / "child" / "shrinkit_report.json").read_text())
+    assert rep["child"]["dims"]["num_hidden_layers"] == 15
+    assert 35e6 < rep["child"]["params"] < 50e6
+    v = rep["verify"]
+    assert v["kind"] == "causal_lm" and v["child"]["kl"] < v["random_init"]["kl"]
+    assert "## Verification" in (tmp_path / "child" / "shrinkit_report.md").read_text()
+    m = load(tmp_path / "child")
+    assert m.config.tie_word_embeddings
+    assert res.report["stages"][0]["method"] == "activation"
