@@ -66,7 +66,7 @@ class _Plain:
         self._end()
         self.name, self.t = name, time.perf_counter()
         if not self.quiet:
-            typer.echo(f"shrinkit: {name} ({total / 1e6:.1f} MB)", err=True)
+            typer.echo(f"shrinkit: {name}" + (f" ({total / 1e6:.1f} MB)" if total else ""), err=True)
 
     def advance(self, n):
         pass

@@ -110,6 +110,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     ckpt = open_checkpoint(parent, config)
     try:
         plan = prepare(ckpt, recipe)
+        opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
         out = Path(out) if out is not None else default_out(parent, recipe)
         check_out(out, ckpt.root, force)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,6 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
             report = _run(ckpt, plan, recipe, tmp, progress, t_start, opts)
             _publish(tmp, out)
         except BaseException:
@@ -153,7 +153,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
     stages = []
     n_parent = plan.parent.num_hidden_layers
     dropped = False
-    calib = None
+    calib: dict = {}   # one calibration pass per distinct calibration spec
     written: list = []
     for name, stage in recipe.parsed:
         t0 = time.perf_counter()
@@ -169,16 +169,17 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 scores = magnitude_scores(ckpt, plan, need, set(layers), progress.advance)
             elif need and method == "activation":
                 from .calibrate import activation_scores
-                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts)
                 info["calibration"] = stage.calibration.model_dump()
-                scores = activation_scores(calib, plan, need)
+                scores = activation_scores(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
+                                                        calib), plan, need)
             select(plan, method, scores, layers, recipe.seed)
         elif name == "drop_layers":
             info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
             if stage.strategy == "importance":
                 from .calibrate import layer_influence
-                calib = calib or _calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts)
-                influence = layer_influence(calib)
+                info["calibration"] = stage.calibration.model_dump()
+                influence = layer_influence(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
+                                                         calib))
                 info["influence"] = [round(x, 6) for x in influence]
                 plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
             dropped = True
@@ -224,10 +225,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _calibration(ckpt, plan, calib_spec, seed, progress, opts):
+def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict):
     from .calibrate import calibrate
-    return calibrate(ckpt, plan, calib_spec, seed=seed, progress=progress, device=opts["device"],
-                     tokenizer=opts["tokenizer"])
+    key = spec.model_dump_json()
+    if key not in cache:
+        cache[key] = calibrate(ckpt, plan, spec, seed=seed, progress=progress, device=opts["device"],
+                               tokenizer=opts["tokenizer"])
+    return cache[key]
 
 
 def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list) -> dict:
