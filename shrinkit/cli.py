@@ -76,8 +76,13 @@ class _Plain:
             typer.echo(f"shrinkit: {msg}", err=True)
 
     def close(self):
+        """End of the run, failed or not: a phase is reported done only by finish()."""
+        self._pending, self.name = self.name, None
+
+    def finish(self):
+        self.name = getattr(self, "_pending", None)
         self._end()
-        self.name = None
+        self.name = self._pending = None
 
 
 class _Bar(_Plain):
@@ -103,10 +108,10 @@ class _Bar(_Plain):
         self.p.console.print(msg)
 
     def close(self):
-        if self.task is not None:
-            self.p.update(self.task, completed=self.p.tasks[self.task].total)
-            self.task = None
         self.p.stop()
+
+    def finish(self):
+        pass
 
 
 def _progress(quiet: bool):
@@ -141,8 +146,10 @@ def subclone(
         from .recipe import load_recipe
 
         r = load_recipe(recipe)
-        res = run(parent, r, out, force=force, config=config, progress=_progress(quiet), device=device,
+        prog = _progress(quiet)
+        res = run(parent, r, out, force=force, config=config, progress=prog, device=device,
                   tokenizer=tokenizer, verify=not no_verify)
+        prog.finish()
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     c = res.report["child"]

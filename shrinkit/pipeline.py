@@ -20,7 +20,7 @@ from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
 from .families import family_for
 from .hf import check_config
-from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, resolve_target
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, match_rule, resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
@@ -54,10 +54,12 @@ def prepare(ckpt: Checkpoint, recipe: Recipe) -> Plan:
     """Validate the recipe against the parent and build the plan (no ranking yet)."""
     fam = family_for(ckpt.config)
     pdims = fam.dims(ckpt.config)
+    for info in ckpt.tensors.values():  # every tensor must be in the architecture map, before any work
+        match_rule(fam, info)
     drop = recipe.stage("drop_layers")
     child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers))
     out_dtype = OUT_DTYPES[recipe.output.dtype] if recipe.output.dtype else parent_dtype(ckpt)
-    plan = Plan(fam, pdims, child, out_dtype)
+    plan = Plan(fam, pdims, child, out_dtype, cast=recipe.output.dtype is not None)
     if child.num_hidden_layers < pdims.num_hidden_layers and drop is None:
         raise RecipeError(f"the target has {child.num_hidden_layers} of {pdims.num_hidden_layers} layers, "
                           "but the pipeline has no drop_layers stage; add one")
@@ -113,6 +115,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
         opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
         out = Path(out) if out is not None else default_out(parent, recipe)
         check_out(out, ckpt.root, force)
+        made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.shrinkit-tmp-{os.getpid()}"
         if tmp.exists():
@@ -123,6 +126,11 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
             _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for d in made:  # folders this run created for --out, innermost first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
             raise
     finally:
         ckpt.close()

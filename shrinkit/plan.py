@@ -68,6 +68,7 @@ class Plan:
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     q_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    cast: bool = True          # cast every float tensor to out_dtype; False keeps each tensor's own dtype
     norm_factor: float | None = None
     ranked: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
@@ -129,7 +130,7 @@ class Plan:
             shape = tuple(
                 (idx.length if (idx := self.axis_index(a, layer, s)) is not None else s)
                 for a, s in zip(rule.axes, info.shape))
-            dtype = self.out_dtype if info.dtype.is_floating_point else info.dtype
+            dtype = self.out_dtype if info.dtype.is_floating_point and self.cast else info.dtype
             out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm))
         return out
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictInt, ValidationError, model_validator
 
 from .errors import RecipeError
 
@@ -82,7 +82,7 @@ Stage = Union[RankNeurons, DropLayers, SliceEmbeddings, RescaleNorms]
 
 class Output(Strict):
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
-    max_shard_size: str = "2GB"
+    max_shard_size: Union[StrictInt, str] = "2GB"
 
     @model_validator(mode="after")
     def _size(self):
@@ -139,6 +139,8 @@ class Recipe(Strict):
 
 def parse_size(s: str | int) -> int:
     if isinstance(s, int):
+        if s <= 0:
+            raise ValueError("max_shard_size must be positive")
         return s
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(s), re.I)
     if not m:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -403,9 +402,26 @@ def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, mo
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out.")], list(tmp_path.iterdir())
 
 
-def test_failed_phase_is_not_reported_done(tmp_path, copy_parent, good_recipe):
+def test_failed_phase_is_not_reported_done(tmp_path, copy_parent, good_recipe, monkeypatch):
     """Without --quiet the plain progress lines go to stderr; a phase that failed must not be
     logged as "done", and the error is still the last line."""
+    import shrinkit.stages.rank as rank
+    from shrinkit.errors import ParentError
+
+    def boom(*a, **k):
+        raise ParentError("model.layers.0.mlp.up_proj.weight: simulated read failure")
+
+    monkeypatch.setattr(rank, "_axis_sums", boom)
+    p = copy_parent()
+    out = tmp_path / "out"
+    rc, stdout, stderr = cli("subclone", p, "-r", good_recipe, "-o", out)
+    assert_failed((rc, stdout, stderr), 3, out, "simulated read failure")
+    lines = stderr.strip().splitlines()
+    assert lines[0].startswith("shrinkit: rank (magnitude)")  # the phase that fails
+    assert not any("done in" in ln for ln in lines), stderr
+
+
+def test_tensor_outside_the_map_is_refused_before_any_work(tmp_path, copy_parent, good_recipe):
     p = copy_parent()
     sd = load_file(str(p / "model.safetensors"))
     sd["model.mystery.weight"] = torch.zeros(3, 3)
@@ -413,9 +429,7 @@ def test_failed_phase_is_not_reported_done(tmp_path, copy_parent, good_recipe):
     out = tmp_path / "out"
     rc, stdout, stderr = cli("subclone", p, "-r", good_recipe, "-o", out)
     assert_failed((rc, stdout, stderr), 3, out, "model.mystery.weight")
-    lines = stderr.strip().splitlines()
-    assert lines[0].startswith("shrinkit: rank (magnitude)")  # the phase that fails
-    assert not any("done in" in ln for ln in lines), stderr
+    assert not any(ln.startswith("shrinkit:") for ln in stderr.splitlines()), stderr
 
 
 # ---------------------------------------------------------------------------- the recipe (exit 2)

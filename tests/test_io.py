@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +124,19 @@ def test_one_shard_child_has_no_index(tmp_path):
     assert [p.name for p in st_files(out)] == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
     forward_ok(out)
+
+
+@pytest.mark.parametrize("size", ["40000", 40000, "40 kB", "39.07KiB"])
+def test_max_shard_size_spellings(tmp_path, size):
+    """A plain byte count is a size too, as a YAML string or a YAML number (parse_size takes both)."""
+    parent = llama_parent(tmp_path / "parent")
+    out = tmp_path / "child"
+    run(parent, out, target=CUT, stages=stages(drop=[2]), output={"max_shard_size": size})
+    shards = st_files(out)
+    assert len(shards) >= 3
+    for s in shards:
+        with safe_open(str(s), "pt") as f:
+            assert data_bytes(s) <= 40_000 or len(list(f.keys())) == 1
 
 
 # ---------------------------------------------------------------------------- identity
@@ -456,3 +468,33 @@ def test_bert_hidden_cut_loads(tmp_path, mlm):
         assert c["cls.predictions.transform.dense.weight"].shape == (32, 32)
     m, t = forward_ok(out, "AutoModelForMaskedLM" if mlm else "AutoModel")
     assert t.shape[-1] == (96 if mlm else 32)
+
+
+def test_hugging_face_cache_snapshot_with_linked_shards(tmp_path):
+    """A hub cache snapshot links every file to ../../blobs/<hash>: those links are followed,
+    while a link that leaves both the folder and its repository's blobs is still refused."""
+    import os
+
+    src = llama_parent(tmp_path / "src", save_kw={"max_shard_size": "20KB"})
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / sha256(f)
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    out = tmp_path / "child"
+    run(snap, out, stages=[{"slice_embeddings": {}}])
+    assert read_all(out).keys() == read_all(src).keys()
+    for k, v in read_all(src).items():
+        assert torch.equal(read_all(out)[k], v)
+    # the same layout outside a hub cache is not trusted
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in snap.iterdir():
+        os.symlink(os.path.realpath(f), plain / f.name)
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.errors import ParentError
+    with pytest.raises(ParentError, match="outside the parent folder"):
+        open_checkpoint(plain)

@@ -163,13 +163,26 @@ class Checkpoint:
         return out
 
 
-def _inside(root: Path, rel: str, what: str) -> Path:
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
-        raise ParentError(f"{what} names shard {rel!r}, which is not a plain relative file name; fix the index")
-    p = (root / rel)
+def _allowed_roots(root: Path) -> list[str]:
+    """Where a shard may really live: the parent folder, and for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/``, whose files are links to ``../../blobs/``) the
+    blobs folder of that same repository."""
     real_root = os.path.realpath(root)
+    roots = [real_root]
+    rp = Path(real_root)
+    if rp.parent.name == "snapshots" and rp.parent.parent.name.startswith("models--"):
+        roots.append(str(rp.parent.parent / "blobs"))
+    return roots
+
+
+def _inside(root: Path, rel: str, what: str) -> Path:
+    if (not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel
+            or ".." in Path(rel).parts):
+        raise ParentError(f"{what} names shard {rel!r}, which is not a plain relative file name inside the parent "
+                          "folder; refusing to follow it")
+    p = (root / rel)
     real = os.path.realpath(p)
-    if os.path.commonpath([real_root, real]) != real_root:
+    if not any(os.path.commonpath([r, real]) == r for r in _allowed_roots(root)):
         raise ParentError(f"{what} names shard {rel!r}, which lies outside the parent folder; refusing to follow it")
     return p
 

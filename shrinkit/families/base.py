@@ -81,10 +81,8 @@ class Family:
             v = cfg.get(k)
             if isinstance(v, list) and len(v) == n_parent:
                 out[k] = [v[i] for i in kept_layers]
-        if "torch_dtype" in cfg:
-            out["torch_dtype"] = dtype_name
-        else:
-            out["dtype"] = dtype_name
+        for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            out[k] = dtype_name
         return out
 
     def tied(self, cfg: dict) -> bool:
