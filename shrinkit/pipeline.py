@@ -50,14 +50,27 @@ def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def prepare(ckpt: Checkpoint, recipe: Recipe) -> Plan:
-    """Validate the recipe against the parent and build the plan (no ranking yet)."""
+def needs_transformers(ckpt: Checkpoint, recipe: Recipe, verify: bool) -> bool:
+    """Whether this run imports transformers anyway (calibration or verification)."""
+    rank, drop = recipe.stage("rank_neurons"), recipe.stage("drop_layers")
+    return bool(verify or (drop is not None and drop.strategy == "importance") or
+                (rank is not None and (rank.method or default_method(ckpt)) == "activation"))
+
+
+def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -> Plan:
+    """Validate the recipe against the parent and build the plan (no ranking yet).
+
+    The shape rules of transformers' config validation that a cut can break are checked here
+    directly; with `transformers_check`, the child config also goes through transformers' own
+    validation (importing transformers costs ~1-2 s, so a data-free run without verification
+    skips it; tests/test_plan.py checks that both agree)."""
     fam = family_for(ckpt.config)
     pdims = fam.dims(ckpt.config)
     for info in ckpt.tensors.values():  # every tensor must be in the architecture map, before any work
         match_rule(fam, info)
     drop = recipe.stage("drop_layers")
-    child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers))
+    child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers),
+                           ckpt.config.get("model_type"))
     out_dtype = OUT_DTYPES[recipe.output.dtype] if recipe.output.dtype else parent_dtype(ckpt)
     plan = Plan(fam, pdims, child, out_dtype, cast=recipe.output.dtype is not None)
     if child.num_hidden_layers < pdims.num_hidden_layers and drop is None:
@@ -73,7 +86,8 @@ def prepare(ckpt: Checkpoint, recipe: Recipe) -> Plan:
     if rescale is not None:
         f = rescale.factor if rescale.factor is not None else math.sqrt(pdims.hidden_size / child.hidden_size)
         plan.norm_factor = None if f == 1.0 else f
-    check_config(plan.child_config(ckpt.config))
+    if transformers_check:
+        check_config(plan.child_config(ckpt.config))
     return plan
 
 
@@ -111,7 +125,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
     try:
-        plan = prepare(ckpt, recipe)
+        plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify))
         opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
         out = Path(out) if out is not None else default_out(parent, recipe)
         check_out(out, ckpt.root, force)

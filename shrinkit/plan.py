@@ -147,7 +147,8 @@ def match_rule(fam: Family, info: TensorInfo):
     return rule, m
 
 
-def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None) -> Dims:
+def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
+                   model_type: str | None = None) -> Dims:
     """The child's shape from the recipe's target, or a RecipeError if it is impossible."""
     t = recipe.target
     hidden = t.hidden_size or parent.hidden_size
@@ -181,6 +182,9 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
             raise RecipeError(f"target {name} {c} is larger than the parent's {p}; a child can only be smaller")
     if heads % kv:
         raise RecipeError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+    if model_type in fam.heads_divide_hidden and hidden % heads:
+        raise RecipeError(f"transformers requires a {model_type} hidden_size that is a multiple of num_attention_heads: "
+                          f"{hidden} is not a multiple of {heads}; change the target")
     r_parent = parent.num_attention_heads // parent.num_key_value_heads
     if heads // kv > r_parent:
         raise RecipeError(

@@ -40,7 +40,9 @@ class Family:
     head_dim_from_hidden: bool = False   # head_dim = hidden / heads (GPT-2, BERT); else explicit
     write_head_dim: bool = False         # write head_dim into the child's config
     ffn_default_factor: int | None = None  # GPT-2: n_inner null means 4 * n_embd
-    layer_lists: tuple[str, ...] = ("layer_types",)  # per-layer config lists, cut with the layers
+    layer_lists: tuple[str, ...] = ("layer_types", "mlp_layer_types")  # per-layer config lists, cut with the layers
+    # model types whose transformers config requires hidden_size % num_attention_heads == 0
+    heads_divide_hidden: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- config <-> dims

@@ -39,4 +39,5 @@ llama = Family(
     norm="rms",
     tie_default=False,
     write_head_dim=True,
+    heads_divide_hidden=("llama",),
 )
