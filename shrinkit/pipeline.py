@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
+import queue
 import shutil
 import threading
 import time
@@ -92,11 +94,16 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
 
 
 def _sha256_all(paths: list[Path], out: dict) -> None:
+    """sha256 of each shard, hashed straight from a read-only mapping (no copy into Python
+    buffers; hashlib releases the GIL, so this overlaps the main thread's work)."""
     for p in paths:
         h = hashlib.sha256()
         with open(p, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as mv:
+                    for i in range(0, size, 1 << 24):
+                        h.update(mv[i:i + (1 << 24)])
         out[p.name] = h.hexdigest()
 
 
@@ -264,10 +271,33 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
     cts = plan.child_tensors(ckpt)
     writer = ShardedWriter(tmp, [Entry(c.name, c.dtype, c.shape) for c in cts], parse_size(recipe.output.max_shard_size))
     progress.phase("slice + write", sum(c.parent.nbytes for c in cts))
+    # slicing (main thread) overlaps writing (writer thread); both release the GIL in torch and
+    # in write(), and the bounded queue keeps at most a few child tensors in memory
+    q: queue.Queue = queue.Queue(maxsize=3)
+    failed: list[BaseException] = []
+
+    def consume():
+        while (item := q.get()) is not None:
+            if not failed:
+                try:
+                    writer.write(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    failed.append(e)
+
+    th = threading.Thread(target=consume, name="shrinkit-writer", daemon=True)
+    th.start()
     try:
-        for ct in cts:
-            writer.write(ct.name, slice_tensor(plan, ct, ckpt.get(ct.parent.name)))
-            progress.advance(ct.parent.nbytes)
+        try:
+            for ct in cts:
+                if failed:
+                    break
+                q.put((ct.name, slice_tensor(plan, ct, ckpt.get(ct.parent.name))))
+                progress.advance(ct.parent.nbytes)
+        finally:
+            q.put(None)
+            th.join()
+        if failed:
+            raise failed[0]
         shards = writer.close()
     except BaseException:
         writer.abort()
