@@ -28,7 +28,7 @@ from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
 from .stages.layers import count_from_lists, keep_layers
 from .stages.rank import magnitude_scores, select, spaces_to_rank
-from .stages.slice import slice_tensor
+from .stages.slice import slice_blocks
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -52,11 +52,11 @@ def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def needs_transformers(ckpt: Checkpoint, recipe: Recipe, verify: bool) -> bool:
+def needs_transformers(ckpt: Checkpoint, recipe: Recipe, verify: bool, tokenizer=None) -> bool:
     """Whether this run imports transformers anyway (calibration or verification)."""
     rank, drop = recipe.stage("rank_neurons"), recipe.stage("drop_layers")
     return bool(verify or (drop is not None and drop.strategy == "importance") or
-                (rank is not None and (rank.method or default_method(ckpt)) == "activation"))
+                (rank is not None and (rank.method or default_method(ckpt, tokenizer)) == "activation"))
 
 
 def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -> Plan:
@@ -132,7 +132,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
     try:
-        plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify))
+        plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
         opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
         out = Path(out) if out is not None else default_out(parent, recipe)
         check_out(out, ckpt.root, force)
@@ -188,7 +188,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         t0 = time.perf_counter()
         info: dict = {"stage": name}
         if name == "rank_neurons":
-            method = stage.method or default_method(ckpt)
+            method = stage.method or default_method(ckpt, opts["tokenizer"])
             info["method"] = method
             layers = plan.layers if dropped else list(range(n_parent))
             need = spaces_to_rank(plan)
@@ -238,10 +238,10 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
     return report
 
 
-def default_method(ckpt: Checkpoint) -> str:
-    """activation ranking when the parent has a tokenizer for the built-in text, else magnitude."""
+def default_method(ckpt: Checkpoint, tokenizer=None) -> str:
+    """activation ranking when there is a tokenizer for the calibration text, else magnitude."""
     from .calibrate import has_tokenizer
-    return "activation" if has_tokenizer(ckpt.root) else "magnitude"
+    return "activation" if tokenizer or has_tokenizer(ckpt.root) else "magnitude"
 
 
 def resolve_device(device: str) -> str:
@@ -273,14 +273,20 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
     progress.phase("slice + write", sum(c.parent.nbytes for c in cts))
     # slicing (main thread) overlaps writing (writer thread); both release the GIL in torch and
     # in write(), and the bounded queue keeps at most a few child tensors in memory
-    q: queue.Queue = queue.Queue(maxsize=3)
+    q: queue.Queue = queue.Queue(maxsize=8)
     failed: list[BaseException] = []
 
     def consume():
         while (item := q.get()) is not None:
             if not failed:
                 try:
-                    writer.write(*item)
+                    kind, x = item
+                    if kind == "begin":
+                        writer.begin(*x)
+                    elif kind == "data":
+                        writer.write_chunk(x)
+                    else:
+                        writer.end()
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     failed.append(e)
 
@@ -291,7 +297,10 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
             for ct in cts:
                 if failed:
                     break
-                q.put((ct.name, slice_tensor(plan, ct, ckpt.get(ct.parent.name))))
+                q.put(("begin", (ct.name, ct.dtype)))
+                for block in slice_blocks(plan, ct, ckpt.get(ct.parent.name)):
+                    q.put(("data", block))
+                q.put(("end", None))
                 progress.advance(ct.parent.nbytes)
         finally:
             q.put(None)

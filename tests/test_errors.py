@@ -378,7 +378,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, mo
     import shrinkit.pipeline as pipeline
 
     calls = [0]
-    real = pipeline.slice_tensor
+    real = pipeline.slice_blocks
 
     def flaky(*a, **k):
         calls[0] += 1
@@ -386,7 +386,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, mo
             raise exc
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "slice_tensor", flaky)
+    monkeypatch.setattr(pipeline, "slice_blocks", flaky)
     out = tmp_path / "out"
     msg = fail(code, parents["single"], good_recipe, out, needle)
     assert calls[0] == 5

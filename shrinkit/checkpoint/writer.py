@@ -91,13 +91,35 @@ class ShardedWriter:
             self._file = None
 
     def write(self, name: str, t: torch.Tensor) -> None:
+        """Write one whole tensor."""
+        e = self.begin(name, t.dtype)
+        if tuple(t.shape) != e.shape:
+            raise RuntimeError(f"writer expected {e.name} {e.shape}, got {tuple(t.shape)}")
+        self.write_chunk(t)
+        self.end()
+
+    def begin(self, name: str, dtype: torch.dtype) -> Entry:
+        """Start the next tensor, which must be `name`; its bytes follow in write_chunk calls."""
         si, e = self._order[self._pos]
-        if name != e.name or tuple(t.shape) != e.shape or t.dtype != e.dtype:
-            raise RuntimeError(f"writer expected {e.name} {e.shape} {e.dtype}, got {name} {tuple(t.shape)} {t.dtype}")
+        if name != e.name or dtype != e.dtype:
+            raise RuntimeError(f"writer expected {e.name} {e.dtype}, got {name} {dtype}")
         if si != self._shard:
             self._open(si)
-        if t.numel():
+        self._left = e.nbytes
+        return e
+
+    def write_chunk(self, t: torch.Tensor) -> None:
+        """Append a row-major block of the current tensor's data."""
+        n = t.numel() * t.element_size()
+        if n > self._left:
+            raise RuntimeError(f"writer got {n - self._left} bytes too many for {self._order[self._pos][1].name}")
+        if n:
             self._file.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._left -= n
+
+    def end(self) -> None:
+        if self._left:
+            raise RuntimeError(f"writer got {self._left} bytes too few for {self._order[self._pos][1].name}")
         self._pos += 1
 
     def close(self) -> list[str]:
