@@ -93,18 +93,61 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     return plan
 
 
+def _sha256_file(p: Path) -> str:
+    """sha256 of a file, hashed straight from a read-only mapping (no copy into Python buffers;
+    hashlib releases the GIL, so this overlaps the main thread's work)."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as mv:
+                for i in range(0, size, 1 << 24):
+                    h.update(mv[i:i + (1 << 24)])
+    return h.hexdigest()
+
+
+def _hash_cache_path() -> Path | None:
+    if os.environ.get("SHRINKIT_NO_HASH_CACHE"):
+        return None
+    base = os.environ.get("SHRINKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "shrinkit")
+    return Path(base) / "sha256-cache.json"
+
+
+def _file_key(p: Path) -> str:
+    st = os.stat(p)
+    return f"{os.path.realpath(p)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
 def _sha256_all(paths: list[Path], out: dict) -> None:
-    """sha256 of each shard, hashed straight from a read-only mapping (no copy into Python
-    buffers; hashlib releases the GIL, so this overlaps the main thread's work)."""
+    """sha256 of every shard, two at a time. A shard whose identity (path, inode, size, mtime,
+    ctime) matches an earlier run takes the hash recorded then ($SHRINKIT_CACHE/sha256-cache.json;
+    SHRINKIT_NO_HASH_CACHE=1 turns this off): a parent is often cut many times."""
+    cache_file = _hash_cache_path()
+    cache: dict = {}
+    if cache_file is not None:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    keys = {p: _file_key(p) for p in paths}
+    todo = [p for p in paths if not isinstance(cache.get(keys[p]), str)]
     for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as mv:
-                    for i in range(0, size, 1 << 24):
-                        h.update(mv[i:i + (1 << 24)])
-        out[p.name] = h.hexdigest()
+        if p not in todo:
+            out[p.name] = cache[keys[p]]
+    if todo:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(2, len(todo))) as ex:
+            for p, h in zip(todo, ex.map(_sha256_file, todo)):
+                out[p.name] = h
+                cache[keys[p]] = h
+        if cache_file is not None:
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, cache_file)
+            except OSError:
+                pass  # the cache is an optimization only
 
 
 def default_out(parent: str | os.PathLike, recipe: Recipe) -> Path:

@@ -7,6 +7,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["SHRINKIT_NO_HASH_CACHE"] = "1"  # tests never touch the user's hash cache (test_io tests it)
 sys.path.insert(0, str(Path(__file__).parent))
 
 
