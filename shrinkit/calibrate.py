@@ -172,7 +172,9 @@ class BlockModel:
                 return n
         raise KeyError(module)
 
-    def load(self, module: torch.nn.Module) -> None:
+    def load(self, module: torch.nn.Module, keep_dtype: bool = False) -> None:
+        """Load a module's parameters from the shards (float32; with keep_dtype, as stored:
+        on the CPU that is a zero-copy view of the mapped shard)."""
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = self._full(module)
@@ -183,7 +185,8 @@ class BlockModel:
                 key = self._index.get(self._embedding_param())
             if key is None:
                 raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
-            value = self.ckpt.get(key).to(device=self.device, dtype=torch.float32)
+            value = self.ckpt.get(key)
+            value = value.to(device=self.device, dtype=value.dtype if keep_dtype else torch.float32)
             set_module_tensor_to_device(self.model, full, self.device, value=value)
 
     def free(self, module: torch.nn.Module) -> None:
@@ -201,8 +204,9 @@ class BlockModel:
     def embed(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
         """Embeddings of every sample, float32 on CPU: [N, T, H]."""
         mods = self._embedding_modules()
+        plain = self.ad.auto != "AutoModel"  # plain lookups (not BERT's embeddings block with its LayerNorm)
         for m in mods:
-            self.load(m)
+            self.load(m, keep_dtype=plain)  # a lookup needs no float32 copy of the whole table
         outs = []
         with torch.no_grad():
             for s in range(0, len(ids), batch):
@@ -222,7 +226,7 @@ class BlockModel:
     def _embed_call(self, x):
         if self.ad.base == "transformer":
             pos = torch.arange(x.shape[1], device=x.device)[None]
-            return self.base.wte(x) + self.base.wpe(pos)
+            return self.base.wte(x).float() + self.base.wpe(pos).float()
         if self.ad.auto == "AutoModel":
             return self.base.embeddings(input_ids=x)
         return self.model.get_input_embeddings()(x)
