@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast test-slow bench-setup bench clean
+.PHONY: setup demo test test-fast test-slow bench-setup bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-setup: setup
 
 bench: bench-setup
 	$(PY) bench/speed.py
+
+bench-quality: bench-setup
+	$(PY) bench/quality.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
