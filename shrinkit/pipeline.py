@@ -316,7 +316,7 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
     progress.phase("slice + write", sum(c.parent.nbytes for c in cts))
     # slicing (main thread) overlaps writing (writer thread); both release the GIL in torch and
     # in write(), and the bounded queue keeps at most a few child tensors in memory
-    q: queue.Queue = queue.Queue(maxsize=8)
+    q: queue.Queue = queue.Queue(maxsize=2)
     failed: list[BaseException] = []
 
     def consume():

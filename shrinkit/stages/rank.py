@@ -56,8 +56,11 @@ def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
     rows = torch.empty(t2.shape[0], dtype=torch.float32) if 0 in axes else None
     cols = torch.zeros(t2.shape[1], dtype=torch.float32) if 1 in axes else None
     step = max(1, CHUNK // max(1, t2.shape[1]))
+    buf = torch.empty(min(step, t2.shape[0]), t2.shape[1], dtype=torch.float32)  # reused for every chunk
     for r0 in range(0, t2.shape[0], step):
-        a = t2[r0:r0 + step].to(torch.float32, copy=True).abs_()  # never in place on the mapped parent
+        chunk = t2[r0:r0 + step]
+        a = buf[:chunk.shape[0]]
+        a.copy_(chunk).abs_()  # a float32 copy: never in place on the mapped parent
         if rows is not None:
             torch.sum(a, dim=1, out=rows[r0:r0 + step])
         if cols is not None:
