@@ -650,7 +650,7 @@ def plot(path: str, arms: list[str], presets: list[common.Preset], results: dict
     except ImportError:
         print(f"\n(--plot {path}: matplotlib is not importable here; no plot written)")
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.2))
     for a in arms:
         pts = [(common.n_bytes(p.dims) / 1e9, results[p.name]["summary"][a])
                for p in presets if results[p.name]["summary"].get(a, {}).get("ok")]
@@ -662,10 +662,11 @@ def plot(path: str, arms: list[str], presets: list[common.Preset], results: dict
         ax2.plot(xs, [s["peak_anon_mb"] for _, s in pts], style, label=a)
     ax1.set(xlabel="parent size (GB, bf16)", ylabel="wall time, median (s, log scale)", title="time", yscale="log")
     ax2.set(xlabel="parent size (GB, bf16)", ylabel="peak anonymous RSS (MB, log scale)", title="memory", yscale="log")
-    ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 5), 1, 1))
     fig.savefig(path, dpi=120)
     print(f"\nplot written to {path}")
 
@@ -776,6 +777,7 @@ def main() -> None:
     ap.add_argument("--snapshot", action="store_true",
                     help="copy shrinkit/ into <cache>/bench/snapshot at start and time that copy (PYTHONPATH), so "
                          "edits made to the tree during a long run do not mix code versions")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw --plot from an earlier --json file (runs nothing)")
     ap.add_argument("--regenerate", action="store_true", help="rebuild the synthetic parents even if cached")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--no-verify", action="store_true", help="skip the benchmark's own correctness check")
@@ -783,6 +785,12 @@ def main() -> None:
                     help="let shrinkit verify its child (held-out forward passes) inside the timed run; by default "
                          "the shrinkit arms pass --no-verify when the CLI has it, so they time the cut alone")
     a = ap.parse_args()
+    if a.replot:
+        if not a.plot:
+            raise SystemExit("--replot needs --plot PATH")
+        data = json.loads(Path(a.replot).read_text())
+        plot(a.plot, data["meta"]["arms"], [common.PRESETS[n] for n in data["meta"]["presets"]], data["presets"])
+        return
 
     presets = []
     for name in filter(None, (s.strip() for s in a.presets.split(","))):
