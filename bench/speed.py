@@ -842,11 +842,16 @@ def main() -> None:
           + (f"; shrinkit arms add {' '.join(SHRINKIT_EXTRA)}" if SHRINKIT_EXTRA else "")
           + (f"; at most {a.slow_repeat} repeat(s) for {', '.join(x for x in SLOW_ARMS if x in arms)}"
              if a.slow_repeat is not None and any(x in arms for x in SLOW_ARMS) else "") + "\n")
-    if any(shrinkit_method(x) for x in arms):
-        print("shrinkit shard hashing: arms named shrinkit-METHOD run with shrinkit's sha256 cache on (default); "
-              "an untimed shrinkit run per preset fills it first, so they find every shard's hash cached (a repeat cut "
-              f"of the same parent). Arms named shrinkit-METHOD{NOCACHE} set SHRINKIT_NO_HASH_CACHE=1 and hash every "
-              "shard (2 threads, overlapping the cut): a first cut of a new parent.\n")
+    hashing = []
+    if any(shrinkit_method(x) and not x.endswith(NOCACHE) for x in arms):
+        hashing.append("arms named shrinkit-METHOD run with shrinkit's sha256 cache on (default); an untimed shrinkit "
+                       "run per preset fills it first, so they find every shard's hash cached (a repeat cut of the "
+                       "same parent)")
+    if any(shrinkit_method(x) and x.endswith(NOCACHE) for x in arms):
+        hashing.append(f"arms named shrinkit-METHOD{NOCACHE} set SHRINKIT_NO_HASH_CACHE=1 and hash every shard "
+                       "(2 threads, overlapping the cut): a first cut of a new parent")
+    if hashing:
+        print("shrinkit shard hashing: " + "; ".join(hashing) + ".\n")
     if mk_note:
         print(mk_note + "\n")
 
