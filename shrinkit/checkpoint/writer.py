@@ -64,7 +64,8 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
 
 
 class ShardedWriter:
-    """Write tensors, in the planned order, into HF-named shards under `folder`."""
+    """Write tensors, in the planned order, into HF-named shards under `folder`: begin(name),
+    write_chunk(block)..., end() for each."""
 
     def __init__(self, folder: Path, entries: list[Entry], max_shard_size: int, metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
@@ -89,14 +90,6 @@ class ShardedWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-
-    def write(self, name: str, t: torch.Tensor) -> None:
-        """Write one whole tensor."""
-        e = self.begin(name, t.dtype)
-        if tuple(t.shape) != e.shape:
-            raise RuntimeError(f"writer expected {e.name} {e.shape}, got {tuple(t.shape)}")
-        self.write_chunk(t)
-        self.end()
 
     def begin(self, name: str, dtype: torch.dtype) -> Entry:
         """Start the next tensor, which must be `name`; its bytes follow in write_chunk calls."""

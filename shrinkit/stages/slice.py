@@ -24,11 +24,6 @@ def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) 
     return t.contiguous()
 
 
-def slice_tensor(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> torch.Tensor:
-    """Cut `t` (the parent tensor of `ct`) to the kept indices on every axis; cast; rescale norms."""
-    return _cut(plan, ct, t, [plan.axis_index(a, ct.layer, s) for a, s in zip(ct.rule.axes, t.shape)])
-
-
 def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The child tensor as consecutive row blocks (row-major order), so that memory holds one
     block of a few MB however large the tensor is."""
