@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .checkpoint.reader import open_checkpoint
 from .families import family_for
-from .plan import DTYPE_STR, count_params
+from .plan import DTYPE_STR, count_params, parent_params
 from .recipe import Recipe, parse_size
 from .checkpoint.writer import Entry, layout
 
@@ -14,11 +14,7 @@ def inspect_summary(parent, config=None) -> dict:
         fam = family_for(ck.config)
         d = fam.dims(ck.config)
         tied = fam.tied(ck.config)
-        params = 0
-        for t in ck.tensors.values():
-            hit = fam.match(t.name)
-            if t.dtype.is_floating_point and not (hit and (hit[0].drop or (hit[0].tied and tied))):
-                params += t.numel
+        params = parent_params(fam, ck)
         return {
             "model": {"path": str(ck.weights_path), "family": fam.name,
                       "architecture": (ck.config.get("architectures") or ["?"])[0],

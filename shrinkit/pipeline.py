@@ -22,7 +22,7 @@ from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
 from .families import family_for
 from .hf import check_config
-from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, match_rule, resolve_target
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, match_rule, parent_params, resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
@@ -370,8 +370,6 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
                  seconds: float) -> dict:
     fam = plan.family
     tied = fam.tied(ckpt.config)
-    parent_params = sum(t.numel for t in ckpt.tensors.values()
-                        if t.dtype.is_floating_point and not _skipped(fam, t, tied))
 
     def per_layer(d: dict) -> dict:
         return {str(i): d[p].tolist() for i, p in enumerate(plan.layers) if p in d}
@@ -392,7 +390,7 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
         "parent": {
             "path": str(ckpt.weights_path),
             "dims": plan.parent.as_dict(),
-            "params": parent_params,
+            "params": parent_params(fam, ckpt),
             "bytes": ckpt.total_bytes,
             "dtype": DTYPE_STR.get(parent_dtype(ckpt), str(parent_dtype(ckpt))),
             "shards": [{"file": s, "sha256": hashes.get(Path(s).name)} for s in ckpt.shards],
@@ -408,11 +406,6 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
         "stages": stages,
         "seconds": round(seconds, 3),
     }
-
-
-def _skipped(fam, info, tied) -> bool:
-    hit = fam.match(info.name)
-    return hit is not None and (hit[0].drop or (hit[0].tied and tied))
 
 
 def base_model_name(ckpt: Checkpoint) -> str:

@@ -193,5 +193,16 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
     return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size)
 
 
+def parent_params(fam: Family, ckpt: Checkpoint) -> int:
+    """Parameters of the parent as a model has them: stale buffers and a tied head not counted."""
+    tied = fam.tied(ckpt.config)
+    n = 0
+    for t in ckpt.tensors.values():
+        hit = fam.match(t.name)
+        if t.dtype.is_floating_point and not (hit and (hit[0].drop or (hit[0].tied and tied))):
+            n += t.numel
+    return n
+
+
 def count_params(tensors: list[ChildTensor]) -> int:
     return sum(math.prod(t.shape) for t in tensors if t.dtype.is_floating_point)
