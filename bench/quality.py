@@ -41,7 +41,8 @@ Modes:
             left (windows of 64 tokens, batch 4, LRs 3e-4/1e-3/3e-3): a very short training run
   (default) full. On CPU: windows of 128, batch 8, LRs 3e-4/1e-3/3e-3, steps sized to
             --budget-min (default 60); still short training on 2 cores. With --device cuda: a fixed
-            1000 steps x 8 x 256 tokens (about 1.5 epochs of shakespeare_train)
+            1000 steps x 8 x 256 tokens (about 1.5 epochs of shakespeare_train), TF32 matmuls; with
+            --budget-min as well, the steps are sized to that budget instead
   --steps, --seq-len, --batch, --lrs, --evals, --eval-windows, --budget-min override the mode.
 
 Usage (from the repository root; `make bench-setup` installs matplotlib):
@@ -601,9 +602,14 @@ def main(argv=None) -> int:
             cfg[k] = getattr(args, k)
     if args.steps is not None:
         cfg["budget_min"] = None
+    elif args.budget_min is not None:
+        cfg["steps"] = None  # an explicit budget sizes the steps, on a GPU too
     if args.lrs:
         cfg["lrs"] = [float(x) for x in args.lrs.split(",")]
     torch.set_num_threads(args.threads)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # training matmuls in TF32 (fp32 weights and optimizer)
+        torch.backends.cudnn.allow_tf32 = True
     out = (args.out or assets.cache_dir() / "bench" / "quality" / mode).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = out
@@ -620,7 +626,7 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     R: dict = {"mode": mode, "command": command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(device), "out": str(out)}
-    R["config"] = {**cfg, "device": device, "warmup_frac": WARMUP_FRAC, "min_lr_frac": MIN_LR_FRAC,
+    R["config"] = {**cfg, "device": device, "tf32": device.startswith("cuda"), "warmup_frac": WARMUP_FRAC, "min_lr_frac": MIN_LR_FRAC,
                    "weight_decay": WEIGHT_DECAY, "betas": BETAS, "clip": CLIP}
 
     def save():

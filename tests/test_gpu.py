@@ -1,0 +1,62 @@
+"""The CUDA path (--device cuda): calibration statistics, rankings and verification on the GPU
+agree with the CPU. Skipped where no CUDA device is present (CI has none); run with
+`pytest -m gpu` on a machine with one."""
+
+import pytest
+import torch
+
+import planted
+from helpers import logits, tokens
+from planted import rel_err
+from test_calibrate import CALIB, act_stages
+from test_planted import LLAMA_TARGET, check_kept
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
+
+
+def _stats(path, device):
+    from shrinkit.calibrate import calibrate
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.pipeline import prepare
+    from shrinkit.recipe import Calibration
+    from helpers import recipe
+
+    spec = Calibration(data="random_tokens", samples=8, seq_len=32, batch_size=4)
+    with open_checkpoint(path) as ck:
+        return calibrate(ck, prepare(ck, recipe()), spec, seed=0, device=device)
+
+
+def close(a, b) -> bool:
+    a = a.detach().cpu().double()
+    b = b.double()
+    return float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_cuda_statistics_equal_cpu(tmp_path, kind):
+    pl = {"llama": planted.llama_like, "gpt2": planted.gpt2, "bert": lambda p: planted.bert(p, mlm=False)}[kind](tmp_path / "p")
+    cpu, gpu = _stats(pl.path, "cpu"), _stats(pl.path, "cuda")
+    assert gpu.tokens == cpu.tokens
+    assert close(gpu.hidden, cpu.hidden)
+    for i in cpu.ffn:
+        assert close(gpu.ffn[i], cpu.ffn[i])
+    for i in cpu.heads:
+        assert close(gpu.heads[i], cpu.heads[i])
+    assert max(abs(a - b) for a, b in zip(gpu.influence, cpu.influence)) < 1e-4
+
+
+def test_cuda_subclone_planted_exact_and_verified(tmp_path):
+    from shrinkit.pipeline import subclone
+    from helpers import recipe
+
+    pl = planted.llama_like(tmp_path / "parent", "llama")
+    rec = recipe(target=LLAMA_TARGET, stages=act_stages(),
+                 verify={"data": "random_tokens", "samples": 8, "seq_len": 32, "batch_size": 4})
+    res = subclone(pl.path, rec, tmp_path / "child", device="cuda", verify=True)
+    check_kept(res.report, pl, n_hidden=64, n_ffn=96, nq=4, nkv=2)
+    ids = tokens(96)
+    assert rel_err(logits(tmp_path / "child", ids), logits(pl.path, ids)) < 1e-4
+    v = res.report["verify"]
+    assert v["child"]["kl"] < 1e-5, v
+    assert v["random_init"]["kl"] > 1e-2, v
