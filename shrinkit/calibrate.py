@@ -9,6 +9,7 @@ from the shards just before all calibration activations pass through it, then dr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -114,10 +115,90 @@ def calibration_tokens(ckpt: Checkpoint, spec: Calibration, vocab: int, *, seed:
 
 
 # ------------------------------------------------------------------ block-at-a-time model
-class BlockModel:
-    """The parent as transformers modules whose weights live on disk until a block needs them."""
+CAST_BYTES = 16 << 20   # float32 bytes of a linear weight cast from its stored dtype at a time
+ACT_BYTES = 16 << 20    # float32 bytes of one activation tensor of a micro-batch (sizes the micro-batches)
 
-    def __init__(self, ckpt: Checkpoint, family_name: str, device: str = "cpu"):
+
+def _streamed(mod: torch.nn.Module) -> bool:
+    """Linear layers whose weights stay as stored (a view of the mapped shard) and are cast to
+    float32 a block of rows at a time inside the forward pass."""
+    return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def _linear_forward(mod: torch.nn.Module, bufs: dict):
+    """forward() of a linear layer whose weight is kept as stored: float32 rows are cast into one
+    reused buffer (no fresh allocation per chunk), multiplied, and copied into the output."""
+    conv1d = not isinstance(mod, torch.nn.Linear)  # GPT-2's Conv1D: weight [in, out], y = x W + b
+
+    def buffer(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        b = bufs.get((name, like.device))
+        if b is None or b.numel() < numel:
+            b = bufs[(name, like.device)] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = mod.weight, mod.bias
+        if w.dtype == x.dtype:
+            return torch.nn.functional.linear(x, w.T if conv1d else w, b)
+        n_in = w.shape[0] if conv1d else w.shape[1]
+        n_out = w.shape[1] if conv1d else w.shape[0]
+        rows = max(1, min(n_out, CAST_BYTES // (n_in * x.element_size())))
+        x2 = x.reshape(-1, n_in)
+        out = x.new_empty(x2.shape[0], n_out)
+        wbuf = buffer("w", rows * n_in, x)
+        obuf = buffer("y", x2.shape[0] * rows, x) if rows < n_out else None
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            wc = wbuf[:(r1 - r0) * n_in].view(r1 - r0, n_in)
+            wc.copy_(w[:, r0:r1].T if conv1d else w[r0:r1])
+            y = out if obuf is None else obuf[:x2.shape[0] * (r1 - r0)].view(x2.shape[0], r1 - r0)
+            torch.mm(x2, wc.T, out=y)
+            if b is not None:
+                y.add_(b[r0:r1])
+            if obuf is not None:
+                out[:, r0:r1].copy_(y)
+        return out.view(*x.shape[:-1], n_out)
+
+    return forward
+
+
+def micro_batch(batch: int, seq_len: int, width: int) -> int:
+    """Sequences per forward call: at most `batch`, fewer when one activation tensor of `width`
+    floats per token would exceed ACT_BYTES. Statistics are sums, so this changes no result."""
+    return max(1, min(batch, ACT_BYTES // max(1, seq_len * width * 4)))
+
+
+def activation_buffer(shape: tuple[int, ...], scratch: str | Path | None = None) -> torch.Tensor:
+    """A float32 tensor backed by a shared mapping of a scratch file (unlinked at once): the
+    residual stream of every calibration sample lives in reclaimable page cache, not in the
+    process's own memory. `scratch` is a folder (default: the system's temporary folder)."""
+    import tempfile
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    fd, name = tempfile.mkstemp(prefix=".shrinkit-activations-", dir=scratch)
+    try:
+        os.ftruncate(fd, max(numel, 1) * 4)
+        t = torch.from_file(name, shared=True, size=max(numel, 1), dtype=torch.float32)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return t[:numel].view(shape)
+
+
+class BlockModel:
+    """The parent as transformers modules whose weights live on disk until a block needs them.
+
+    A block's linear weights are views of the mapped shards in their stored dtype, cast to float32
+    CAST_BYTES at a time inside each forward call; its other parameters (norms, biases) are loaded
+    as float32. Activations run in float32 micro-batches sized by micro_batch().
+    """
+
+    def __init__(self, ckpt: Checkpoint, family_name: str, device: str = "cpu", scratch: str | Path | None = None):
         import transformers
         from accelerate import init_empty_weights
 
@@ -126,6 +207,8 @@ class BlockModel:
         self.ckpt = ckpt
         self.ad = ADAPTERS[family_name]
         self.device = torch.device(device)
+        self.scratch = scratch
+        self._bufs: dict = {}  # reused float32 cast buffers of the streamed linear layers
         cfg_dict = dict(ckpt.config)
         cfg = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **{
             k: v for k, v in cfg_dict.items() if k not in ("torch_dtype", "dtype", "quantization_config")})
@@ -140,6 +223,7 @@ class BlockModel:
             b.data = b.data.to(self.device)
         self._index = self._key_index()
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.width = self._widest()
 
     def _key_index(self) -> dict[str, str]:
         """Map each model parameter name to its checkpoint key (prefixes may differ)."""
@@ -166,6 +250,17 @@ class BlockModel:
                     out[n] = k
         return out
 
+    def _widest(self) -> int:
+        """The widest activation per token inside a block: the largest weight dimension, or the
+        attention scores of one query over the sequence, per head."""
+        prefix = self._full(self.layers[0]) + "."
+        dims = [max(self.ckpt.tensors[k].shape, default=1) for n, k in self._index.items() if n.startswith(prefix)]
+        return max(dims, default=1)
+
+    def micro(self, batch: int, seq_len: int) -> int:
+        heads = int(getattr(self.config, "num_attention_heads", 1) or 1)
+        return micro_batch(batch, seq_len, max(self.width, heads * seq_len))
+
     def _full(self, module: torch.nn.Module) -> str:
         for n, m in self.model.named_modules():
             if m is module:
@@ -173,28 +268,35 @@ class BlockModel:
         raise KeyError(module)
 
     def load(self, module: torch.nn.Module, keep_dtype: bool = False) -> None:
-        """Load a module's parameters from the shards (float32; with keep_dtype, as stored:
-        on the CPU that is a zero-copy view of the mapped shard)."""
-        from accelerate.utils import set_module_tensor_to_device
-
+        """Load a module's parameters from the shards: linear weights as stored (streamed, see
+        _linear_forward), everything else as float32 (with keep_dtype: everything as stored).
+        On the CPU a tensor kept as stored is a zero-copy view of the mapped shard."""
         prefix = self._full(module)
-        for n, _ in list(module.named_parameters()):
-            full = f"{prefix}.{n}" if prefix else n
-            key = self._index.get(full)
-            if key is None and self.tied and self.ad.head and full == f"{self.ad.head}.weight":
-                key = self._index.get(self._embedding_param())
-            if key is None:
-                raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
-            value = self.ckpt.get(key)
-            value = value.to(device=self.device, dtype=value.dtype if keep_dtype else torch.float32)
-            set_module_tensor_to_device(self.model, full, self.device, value=value)
+        for mname, sub in module.named_modules():
+            stream = _streamed(sub)
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                full = ".".join(x for x in (prefix, mname, pname) if x)
+                key = self._index.get(full)
+                if key is None and self.tied and self.ad.head and full == f"{self.ad.head}.weight":
+                    key = self._index.get(self._embedding_param())
+                if key is None:
+                    raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
+                value = self.ckpt.get(key)
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ParentError(f"{key} has shape {list(value.shape)}, but the config makes {full} "
+                                      f"{list(p.shape)}")
+                as_stored = keep_dtype or (stream and pname == "weight") or not value.is_floating_point()
+                value = value.to(device=self.device, dtype=value.dtype if as_stored else torch.float32)
+                sub._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+            if stream:
+                sub.forward = _linear_forward(sub, self._bufs)
 
     def free(self, module: torch.nn.Module) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        prefix = self._full(module)
-        for n, _ in list(module.named_parameters()):
-            set_module_tensor_to_device(self.model, f"{prefix}.{n}" if prefix else n, "meta")
+        for sub in module.modules():
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                sub._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device="meta"),
+                                                            requires_grad=False)
+            sub.__dict__.pop("forward", None)
 
     def _embedding_param(self) -> str:
         emb = self.model.get_input_embeddings()
@@ -202,19 +304,22 @@ class BlockModel:
 
     # -- the three pieces of a forward pass
     def embed(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
-        """Embeddings of every sample, float32 on CPU: [N, T, H]."""
+        """Embeddings of every sample, float32 on the CPU in a scratch-file mapping: [N, T, H]."""
         mods = self._embedding_modules()
         plain = self.ad.auto != "AutoModel"  # plain lookups (not BERT's embeddings block with its LayerNorm)
         for m in mods:
             self.load(m, keep_dtype=plain)  # a lookup needs no float32 copy of the whole table
-        outs = []
+        h = None
+        step = self.micro(batch, ids.shape[1])
         with torch.no_grad():
-            for s in range(0, len(ids), batch):
-                x = ids[s:s + batch].to(self.device)
-                outs.append(self._embed_call(x).float().cpu())
+            for s in range(0, len(ids), step):
+                y = self._embed_call(ids[s:s + step].to(self.device)).float()
+                if h is None:
+                    h = activation_buffer((len(ids), *y.shape[1:]), self.scratch)
+                h[s:s + step] = y.cpu()
         for m in mods:
             self.free(m)
-        return torch.cat(outs)
+        return h
 
     def _embedding_modules(self):
         if self.ad.base == "transformer":  # GPT-2: token + position embeddings
@@ -242,17 +347,18 @@ class BlockModel:
 
     def run_layers(self, h: torch.Tensor, batch: int, observe=None, progress=None) -> torch.Tensor:
         """Push all activations through every block, one block resident at a time (in place)."""
+        step = self.micro(batch, h.shape[1])
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 self.load(layer)
                 hooks = observe.attach(i, layer) if observe else []
                 try:
-                    for s in range(0, len(h), batch):
-                        x = h[s:s + batch].to(self.device)
+                    for s in range(0, len(h), step):
+                        x = h[s:s + step].to(self.device)
                         y = self.layer_call(layer, x)
                         if observe:
                             observe.residual(i, x, y)
-                        h[s:s + batch] = y.float().cpu()
+                        h[s:s + step] = y.float().cpu()
                 finally:
                     for hk in hooks:
                         hk.remove()
@@ -306,13 +412,17 @@ class Observer:
             # each head's contribution to the residual stream: |O_h z_h| per token
             z = args[0].detach()
             z = z.reshape(-1, self.nh, self.hd).transpose(0, 1)            # [heads, T, hd]
-            w = mod.weight
-            wh = (w.view(self.nh, self.hd, -1) if ad.out_proj_in_first
-                  else w.view(w.shape[0], self.nh, self.hd).permute(1, 2, 0))  # [heads, hd, H]
-            step = max(1, (1 << 25) // (self.nh * w.numel() // (self.nh * self.hd)))
+            w = mod.weight                                                  # as stored
+            H = w.shape[1] if ad.out_proj_in_first else w.shape[0]
             contrib = torch.zeros(self.nh, dtype=torch.float64, device=z.device)
-            for t0 in range(0, z.shape[1], step):
-                contrib += torch.bmm(z[:, t0:t0 + step], wh).norm(dim=-1).sum(1).double()
+            group = max(1, min(self.nh, CAST_BYTES // (4 * self.hd * H)))  # heads cast to float32 at once
+            for h0 in range(0, self.nh, group):
+                h1 = min(self.nh, h0 + group)
+                rows = w[h0 * self.hd:h1 * self.hd] if ad.out_proj_in_first else w[:, h0 * self.hd:h1 * self.hd].T
+                wh = rows.to(z.dtype).reshape(h1 - h0, self.hd, H)          # [g, hd, H]
+                step = max(1, ACT_BYTES // (4 * (h1 - h0) * H))
+                for t0 in range(0, z.shape[1], step):
+                    contrib[h0:h1] += torch.bmm(z[h0:h1, t0:t0 + step], wh).norm(dim=-1).sum(1).double()
             self.st.heads[i] = self.st.heads.get(i, 0) + contrib.cpu()
 
         return [down.register_forward_pre_hook(on_down), out_proj.register_forward_pre_hook(on_out)]
@@ -337,10 +447,11 @@ class Observer:
 
 
 def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0, progress=None,
-              device: str = "cpu", tokenizer=None) -> CalibStats:
-    """Activation statistics of the parent over the calibration tokens, one block at a time."""
+              device: str = "cpu", tokenizer=None, scratch: str | Path | None = None) -> CalibStats:
+    """Activation statistics of the parent over the calibration tokens, one block at a time.
+    scratch: folder for the activations' backing file (default: the system's temporary folder)."""
     ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
-    bm = BlockModel(ckpt, plan.family.name, device)
+    bm = BlockModel(ckpt, plan.family.name, device, scratch)
     if progress is not None:
         progress.phase(f"calibrate ({spec.samples}x{spec.seq_len} tokens)",
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))

@@ -186,6 +186,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
+            opts["scratch"] = tmp  # calibration activations live in a file here, unlinked at once
             report = _run(ckpt, plan, recipe, tmp, progress, t_start, opts)
             _publish(tmp, out)
         except BaseException:
@@ -269,7 +270,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         t0 = time.perf_counter()
         progress.phase("verify", 0)
         verified = verify_child(ckpt, tmp, recipe.verify, device=opts["device"], tokenizer=opts["tokenizer"],
-                                seed=recipe.seed)
+                                seed=recipe.seed, scratch=tmp)
         verified["seconds"] = round(time.perf_counter() - t0, 3)
     hasher.join()
     report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start)
@@ -302,7 +303,7 @@ def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict):
     key = spec.model_dump_json()
     if key not in cache:
         cache[key] = calibrate(ckpt, plan, spec, seed=seed, progress=progress, device=opts["device"],
-                               tokenizer=opts["tokenizer"])
+                               tokenizer=opts["tokenizer"], scratch=opts.get("scratch"))
     return cache[key]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibrate import BlockModel, calibration_tokens, has_tokenizer
+from .calibrate import BlockModel, calibration_tokens, has_tokenizer, micro_batch
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import UsageError
 from .families import family_for
@@ -55,7 +55,7 @@ def _load_child(child: Path, auto: str, device, random_init: bool, seed: int):
 
 
 def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calibration | None = None, *,
-                 device: str = "cpu", tokenizer=None, seed: int = 0) -> dict:
+                 device: str = "cpu", tokenizer=None, seed: int = 0, scratch: str | Path | None = None) -> dict:
     ckpt = parent if isinstance(parent, Checkpoint) else open_checkpoint(parent)
     spec = spec or Calibration(samples=16, seq_len=256, batch_size=4)
     note = None
@@ -65,7 +65,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     fam = family_for(ckpt.config)
     vocab = fam.dims(ckpt.config).vocab_size
     ids = calibration_tokens(ckpt, spec, vocab, seed=seed, split="heldout", tokenizer=tokenizer)
-    bm = BlockModel(ckpt, fam.name, device)
+    bm = BlockModel(ckpt, fam.name, device, scratch)
     h = bm.embed(ids, spec.batch_size)
     bm.run_layers(h, spec.batch_size)
     dev = bm.device
@@ -83,9 +83,10 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
                 bm.load(m)
             tot = {k: {"nll": 0.0, "kl": 0.0} for k in ("parent", *models)}
             n_pred, n_pos = 0, 0
-            for s in range(0, len(ids), spec.batch_size):
-                x = ids[s:s + spec.batch_size].to(dev)
-                lp = F.log_softmax(head(norm(h[s:s + spec.batch_size].to(dev))).float(), -1)
+            step = micro_batch(spec.batch_size, ids.shape[1], max(bm.width, vocab))  # logits are the widest
+            for s in range(0, len(ids), step):
+                x = ids[s:s + step].to(dev)
+                lp = F.log_softmax(head(norm(h[s:s + step].to(dev))).float(), -1)
                 logps = {"parent": lp}
                 for k, m in models.items():
                     logps[k] = F.log_softmax(m(input_ids=x).logits.float(), -1)
@@ -104,9 +105,10 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
         else:
             out["kind"] = "encoder"
             ref = _pairwise(h.mean(1))
+            step = bm.micro(spec.batch_size, ids.shape[1])
             for k, m in models.items():
-                pooled = torch.cat([m(input_ids=ids[s:s + spec.batch_size].to(dev)).last_hidden_state.float().mean(1).cpu()
-                                    for s in range(0, len(ids), spec.batch_size)])
+                pooled = torch.cat([m(input_ids=ids[s:s + step].to(dev)).last_hidden_state.float().mean(1).cpu()
+                                    for s in range(0, len(ids), step)])
                 sims = _pairwise(pooled)
                 out[k] = {"similarity_pearson": _pearson(sims, ref), "similarity_spearman": _spearman(sims, ref)}
     out["table"] = table(out)

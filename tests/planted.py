@@ -111,7 +111,7 @@ def llama_like(tmp: Path, model_type: str = "llama", *, dead_hidden=16, dead_ffn
     return pl
 
 
-def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None) -> Planted:
+def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None, dtype=torch.float32) -> Planted:
     import transformers
 
     cfg = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_inner=n_inner,
@@ -133,12 +133,12 @@ def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None) -> P
                 for lin in (blk.attn.c_proj, blk.mlp.c_proj):
                     lin.weight.zero_()
                     lin.bias.zero_()
-    model.save_pretrained(tmp)
+    model.to(dtype).save_pretrained(tmp)
     pl.config = model.config.to_dict()
     return pl
 
 
-def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True) -> Planted:
+def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True, dtype=torch.float32) -> Planted:
     """BERT is post-LayerNorm: a layer is the identity when its attention and FFN outputs are
     zero and its LayerNorms (and the one before it) are the plain (1, 0) normalization."""
     import transformers
@@ -166,7 +166,7 @@ def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True) -> Plant
                 for lin in (layer.attention.output.dense, layer.output.dense):
                     lin.weight.zero_()
                     lin.bias.zero_()
-    model.save_pretrained(tmp)
+    model.to(dtype).save_pretrained(tmp)
     pl.config = model.config.to_dict()
     return pl
 

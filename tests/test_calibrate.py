@@ -59,22 +59,38 @@ def test_gpt2_and_bert_activation(tmp_path):
     assert rel_err(logits(tmp_path / "bc", ids, "AutoModel"), logits(pl.path, ids, "AutoModel")) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-def test_block_forward_matches_whole_model(tmp_path, kind):
-    """Streaming changes nothing but memory: the same statistics as a whole-model forward with hooks."""
+@pytest.mark.parametrize("kind,streamed", [("llama", False), ("gpt2", False), ("bert", False),
+                                           ("llama", True), ("gpt2", True), ("bert", True)])
+def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed):
+    """Streaming changes nothing but memory: the same statistics as a whole-model forward with hooks.
+    streamed: a bfloat16 parent with tiny cast and activation budgets, so every linear weight is
+    cast a few rows at a time, heads one at a time, and every micro-batch is one sequence."""
     import transformers
 
+    import shrinkit.calibrate as C
     from shrinkit.calibrate import ADAPTERS, calibrate
     from shrinkit.checkpoint.reader import open_checkpoint
     from shrinkit.pipeline import prepare
     from shrinkit.recipe import Calibration
     from helpers import recipe
 
-    pl = {"llama": planted.llama_like, "gpt2": planted.gpt2, "bert": lambda p: planted.bert(p, mlm=False)}[kind](tmp_path / "p")
+    dt = torch.bfloat16 if streamed else torch.float32
+    if streamed:
+        monkeypatch.setattr(C, "CAST_BYTES", 1024)
+        monkeypatch.setattr(C, "ACT_BYTES", 1024)
+    pl = {"llama": planted.llama_like, "gpt2": planted.gpt2,
+          "bert": lambda p, dtype: planted.bert(p, mlm=False, dtype=dtype)}[kind](tmp_path / "p", dtype=dt)
     spec = Calibration(data="random_tokens", samples=6, seq_len=16, batch_size=4)
+    calls = []
+    if streamed:
+        real = C._linear_forward
+        monkeypatch.setattr(C, "_linear_forward", lambda mod, bufs: (calls.append(mod), real(mod, bufs))[1])
     with open_checkpoint(pl.path) as ck:
         plan = prepare(ck, recipe())
         st = calibrate(ck, plan, spec, seed=0)
+        if streamed:
+            bm = C.BlockModel(ck, plan.family.name)
+            assert bm.micro(4, 16) == 1 and calls
         from shrinkit.calibrate import calibration_tokens
         ids = calibration_tokens(ck, spec, plan.parent.vocab_size, seed=0)
     ad = ADAPTERS[plan.family.name]

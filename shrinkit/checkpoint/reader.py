@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import sys
 import os
 import struct
 import warnings
@@ -97,6 +98,9 @@ def read_header(path: Path, display: str) -> tuple[dict[str, dict], dict, int]:
     return header, meta, data_start
 
 
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else 0)
+
+
 class Checkpoint:
     """A parent checkpoint opened for lazy reading."""
 
@@ -133,6 +137,20 @@ class Checkpoint:
             warnings.simplefilter("ignore")
             t = torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.begin)
         return t.view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Map the tensor's pages into this process in one system call (MADV_POPULATE_READ,
+        Linux 5.14+) rather than one page fault per page as it is read; read-only, so the private
+        mapping copies nothing. A no-op where the kernel lacks it."""
+        info = self.tensors[name]
+        if info.numel == 0 or not _POPULATE:
+            return
+        m = self._map(info.shard)
+        lo = info.begin & ~(mmap.PAGESIZE - 1)
+        try:
+            m.madvise(_POPULATE, lo, info.begin + info.nbytes - lo)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         self._maps.clear()  # views may still reference the maps; let GC unmap them

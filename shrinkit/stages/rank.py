@@ -18,7 +18,7 @@ from ..checkpoint.reader import Checkpoint
 from ..families.spaces import Fused, Space
 from ..plan import Plan, match_rule
 
-CHUNK = 1 << 22  # elements per chunk when reducing a large tensor
+CHUNK = 1 << 20  # elements per chunk when reducing a large tensor
 
 
 @dataclass
@@ -98,6 +98,7 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
         wanted = [(ax, sp) for ax, sp in rule.spaces() if sp in need]
         if not wanted:
             continue
+        ckpt.prefetch(info.name)
         sums = _axis_sums(ckpt.get(info.name), sorted({ax for ax, _ in wanted}))
         advance(info.nbytes)
         for ax, a in enumerate(rule.axes):

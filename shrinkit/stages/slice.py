@@ -8,7 +8,10 @@ import torch
 
 from ..plan import ChildTensor, Index, Plan
 
-BLOCK_BYTES = 8 << 20  # child rows are produced in blocks of about this size
+# Child rows are produced in blocks of at most about this size, counting the rows gathered from
+# the parent before their columns are cut. Below glibc's mmap threshold (1 MB, fixed by the CLI),
+# every block comes from the reused heap rather than from fresh, page-faulting mappings.
+BLOCK_BYTES = 512 << 10
 
 
 def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) -> torch.Tensor:
@@ -16,7 +19,12 @@ def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) 
     order = sorted((i for i, x in enumerate(idx) if x is not None), key=lambda i: idx[i].length / t.shape[i])
     for ax in order:
         ix = idx[ax]
-        t = t.narrow(ax, ix.start, ix.length) if ix.start is not None else t.index_select(ax, ix.tensor)
+        if ix.start is not None:
+            t = t.narrow(ax, ix.start, ix.length)
+        elif ax == 0:
+            t = t.index_select(0, ix.tensor)
+        else:  # advanced indexing gathers inner axes ~3x faster than index_select on CPU
+            t = t[(slice(None),) * ax + (ix.tensor,)]
     if ct.norm and plan.norm_factor is not None:
         t = (t.float() * plan.norm_factor).to(ct.dtype)
     elif t.dtype != ct.dtype:
@@ -34,7 +42,8 @@ def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch
         return
     rows = idx[0]
     n_rows = rows.length if rows is not None else t.shape[0]
-    step = max(1, n_rows * BLOCK_BYTES // nbytes)
+    row_bytes = max(nbytes // max(1, n_rows), t[0].numel() * t.element_size())  # child row, parent row
+    step = max(1, BLOCK_BYTES // row_bytes)
     rest = [None, *idx[1:]]
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
