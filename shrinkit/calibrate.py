@@ -171,16 +171,27 @@ def micro_batch(batch: int, seq_len: int, width: int) -> int:
 def activation_buffer(shape: tuple[int, ...], scratch: str | Path | None = None) -> torch.Tensor:
     """A float32 tensor backed by a shared mapping of a scratch file (unlinked at once): the
     residual stream of every calibration sample lives in reclaimable page cache, not in the
-    process's own memory. `scratch` is a folder (default: the system's temporary folder)."""
+    process's own memory. `scratch` is a folder (default: the system's temporary folder). The
+    file's blocks are reserved up front (posix_fallocate), so a full disk is an error here rather
+    than a SIGBUS later; where the file cannot be made or mapped, the tensor is plain memory."""
     import tempfile
 
     numel = 1
     for d in shape:
         numel *= d
-    fd, name = tempfile.mkstemp(prefix=".shrinkit-activations-", dir=scratch)
+    size = max(numel, 1)
     try:
-        os.ftruncate(fd, max(numel, 1) * 4)
-        t = torch.from_file(name, shared=True, size=max(numel, 1), dtype=torch.float32)
+        fd, name = tempfile.mkstemp(prefix=".shrinkit-activations-", dir=scratch)
+    except OSError:
+        return torch.empty(shape, dtype=torch.float32)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size * 4)
+        else:  # pragma: no cover - not Linux
+            os.ftruncate(fd, size * 4)
+        t = torch.from_file(name, shared=True, size=size, dtype=torch.float32)
+    except (OSError, RuntimeError):
+        t = torch.empty(size, dtype=torch.float32)
     finally:
         os.close(fd)
         try:

@@ -30,7 +30,7 @@ class Calibration(Strict):
     data: str = "builtin"            # builtin | random_tokens | PATH (.txt or .jsonl with "text")
     samples: PositiveInt = 64
     seq_len: PositiveInt = 256
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = 8       # sequences per forward call at most (fewer for wide blocks)
 
 
 class Verify(Calibration):

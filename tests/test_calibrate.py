@@ -116,3 +116,28 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     bi = [float((1 - torch.nn.functional.cosine_similarity(flat(io[i][0]).double(), flat(io[i][1]).double(), dim=-1)).mean())
           for i in range(n)]
     assert max(abs(a - b) for a, b in zip(st.influence, bi)) < 1e-6
+
+
+def test_activation_buffer_is_file_backed_and_falls_back(tmp_path, monkeypatch):
+    """The residual stream lives in an unlinked scratch file's mapping (nothing is left behind);
+    where that file cannot be reserved it is plain memory, and calibration gives the same result."""
+    import os
+
+    import shrinkit.calibrate as C
+
+    t = C.activation_buffer((3, 5, 7), tmp_path)
+    t[:] = 1.5
+    assert t.shape == (3, 5, 7) and float(t.sum()) == 1.5 * 105
+    assert os.listdir(tmp_path) == []
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    assert not maps or ".shrinkit-activations-" in maps
+
+    def no_space(*a):
+        raise OSError(28, "No space left on device")
+
+    pl = planted.llama_like(tmp_path / "p")
+    a = run(pl.path, tmp_path / "a", target=LLAMA_TARGET, stages=act_stages()).report
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    b = run(pl.path, tmp_path / "b", target=LLAMA_TARGET, stages=act_stages()).report
+    check_kept(b, pl, n_hidden=64, n_ffn=96, nq=4, nkv=2)
+    assert a["kept"] == b["kept"] and a["stages"][1]["influence"] == b["stages"][1]["influence"]
