@@ -19,21 +19,6 @@ import typer
 from . import __version__
 from .errors import ShrinkitError
 
-def _bounded_malloc() -> None:
-    """Keep the allocator from hoarding freed blocks. glibc raises its mmap threshold as large
-    blocks are freed, after which the multi-MB blocks that slicing and ranking churn through are
-    carved from the heap and kept; a fixed 1 MB threshold returns them to the system at once, so
-    peak memory tracks what is live. No-op off glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (a fixed value also stops the dynamic raise)
-        libc.mallopt(-1, 8 << 20)   # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cut a smaller, ready-to-train student out of a pretrained transformer checkpoint.")
 
@@ -49,7 +34,9 @@ def _version(value: bool):
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
-    _bounded_malloc()
+    from .malloc import bounded
+
+    bounded()
 
 
 def _fail(e: BaseException, debug: bool) -> None:
