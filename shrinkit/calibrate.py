@@ -18,7 +18,6 @@ import torch
 
 from .checkpoint.reader import Checkpoint
 from .errors import ParentError, RecipeError, UsageError
-from .malloc import roomy
 from .families.spaces import Space
 from .plan import Plan
 from .recipe import Calibration
@@ -467,10 +466,9 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
     if progress is not None:
         progress.phase(f"calibrate ({spec.samples}x{spec.seq_len} tokens)",
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
-    with roomy():
-        h = bm.embed(ids, spec.batch_size)
-        obs = Observer(bm, plan.parent.head_dim, plan.parent.num_attention_heads, len(bm.layers))
-        bm.run_layers(h, spec.batch_size, obs, progress)
+    h = bm.embed(ids, spec.batch_size)
+    obs = Observer(bm, plan.parent.head_dim, plan.parent.num_attention_heads, len(bm.layers))
+    bm.run_layers(h, spec.batch_size, obs, progress)
     return obs.finish()
 
 

@@ -19,7 +19,6 @@ from .calibrate import BlockModel, calibration_tokens, has_tokenizer, micro_batc
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import UsageError
 from .families import family_for
-from .malloc import roomy
 from .recipe import Calibration
 
 
@@ -57,11 +56,6 @@ def _load_child(child: Path, auto: str, device, random_init: bool, seed: int):
 
 def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calibration | None = None, *,
                  device: str = "cpu", tokenizer=None, seed: int = 0, scratch: str | Path | None = None) -> dict:
-    with roomy():  # activations come from the reused heap, as in calibration
-        return _verify(parent, child, spec, device, tokenizer, seed, scratch)
-
-
-def _verify(parent, child, spec, device, tokenizer, seed, scratch) -> dict:
     ckpt = parent if isinstance(parent, Checkpoint) else open_checkpoint(parent)
     spec = spec or Calibration(samples=16, seq_len=256, batch_size=4)
     note = None
