@@ -412,6 +412,11 @@ def fmt_ppl(p: float | None) -> str:
     return f"{p:,.1f}" if p < 1e5 else f"{p:.3g}"
 
 
+def ppl_pair(curve: dict, i: int) -> str:
+    """"shakespeare / pydoc" held-out perplexity at evaluation i of a curve."""
+    return f"{fmt_ppl(curve['shakespeare'][i])} / {fmt_ppl(curve['pydoc'][i])}"
+
+
 def ranges(xs: list[int]) -> str:
     """[0, 1, 2, 3, 7, 8] -> '0-3, 7-8'"""
     out, start = [], xs[0]
@@ -474,8 +479,7 @@ def markdown(R: dict) -> str:
             a = lm["arms"][arm]
             cells = []
             for lr in c["lrs"]:
-                cur = a["runs"][str(lr)]["curve"]
-                cell = f"{fmt_ppl(cur['shakespeare'][-1])} / {fmt_ppl(cur['pydoc'][-1])}"
+                cell = ppl_pair(a["runs"][str(lr)]["curve"], -1)
                 cells.append(f"**{cell}**" if str(lr) == a["best_lr"] else cell)
             L.append(f"| {arm} | " + " | ".join(cells) + " |")
         s = lm["speedup"]
@@ -503,8 +507,7 @@ def markdown(R: dict) -> str:
             cells = []
             for arm in LM_ARMS:
                 cur = lm["arms"][arm]["runs"][lm["arms"][arm]["best_lr"]]["curve"]
-                cells.append(f"{fmt_ppl(cur['shakespeare'][i])} / {fmt_ppl(cur['pydoc'][i])}"
-                             if i < len(cur["step"]) else "-")
+                cells.append(ppl_pair(cur, i) if i < len(cur["step"]) else "-")
             L.append(f"| {st} | " + " | ".join(cells) + " |")
     if "minilm" in R:
         mm = R["minilm"]

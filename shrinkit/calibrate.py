@@ -9,6 +9,7 @@ from the shards just before all calibration activations pass through it, then dr
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -176,9 +177,7 @@ def activation_buffer(shape: tuple[int, ...], scratch: str | Path | None = None)
     than a SIGBUS later; where the file cannot be made or mapped, the tensor is plain memory."""
     import tempfile
 
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     size = max(numel, 1)
     try:
         fd, name = tempfile.mkstemp(prefix=".shrinkit-activations-", dir=scratch)
@@ -262,15 +261,16 @@ class BlockModel:
         return out
 
     def _widest(self) -> int:
-        """The widest activation per token inside a block: the largest weight dimension, or the
-        attention scores of one query over the sequence, per head."""
+        """The widest activation per token from a block's weights: their largest dimension."""
         prefix = self._full(self.layers[0]) + "."
         dims = [max(self.ckpt.tensors[k].shape, default=1) for n, k in self._index.items() if n.startswith(prefix)]
         return max(dims, default=1)
 
-    def micro(self, batch: int, seq_len: int) -> int:
+    def micro(self, batch: int, seq_len: int, width: int = 0) -> int:
+        """Sequences per forward call (micro_batch) for activations as wide as the block's widest
+        weight, one query's attention scores over the sequence per head, or `width` (logits)."""
         heads = int(getattr(self.config, "num_attention_heads", 1) or 1)
-        return micro_batch(batch, seq_len, max(self.width, heads * seq_len))
+        return micro_batch(batch, seq_len, max(self.width, heads * seq_len, width))
 
     def _full(self, module: torch.nn.Module) -> str:
         for n, m in self.model.named_modules():

@@ -186,7 +186,6 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            opts["scratch"] = tmp  # calibration activations live in a file here, unlinked at once
             report = _run(ckpt, plan, recipe, tmp, progress, t_start, opts)
             _publish(tmp, out)
         except BaseException:
@@ -244,7 +243,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 from .calibrate import activation_scores
                 info["calibration"] = stage.calibration.model_dump()
                 scores = activation_scores(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
-                                                        calib), plan, need)
+                                                        calib, tmp), plan, need)
             select(plan, method, scores, layers, recipe.seed)
         elif name == "drop_layers":
             info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
@@ -252,7 +251,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 from .calibrate import layer_influence
                 info["calibration"] = stage.calibration.model_dump()
                 influence = layer_influence(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
-                                                         calib))
+                                                         calib, tmp))
                 info["influence"] = [round(x, 6) for x in influence]
                 plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
             dropped = True
@@ -298,12 +297,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict):
+def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict, scratch: Path):
+    """Calibration statistics, once per distinct spec; the activations' scratch file lives in
+    the output's temporary folder (unlinked at once)."""
     from .calibrate import calibrate
     key = spec.model_dump_json()
     if key not in cache:
         cache[key] = calibrate(ckpt, plan, spec, seed=seed, progress=progress, device=opts["device"],
-                               tokenizer=opts["tokenizer"], scratch=opts.get("scratch"))
+                               tokenizer=opts["tokenizer"], scratch=scratch)
     return cache[key]
 
 

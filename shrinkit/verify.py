@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibrate import BlockModel, calibration_tokens, has_tokenizer, micro_batch
+from .calibrate import BlockModel, calibration_tokens, has_tokenizer
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import UsageError
 from .families import family_for
@@ -83,7 +83,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
                 bm.load(m)
             tot = {k: {"nll": 0.0, "kl": 0.0} for k in ("parent", *models)}
             n_pred, n_pos = 0, 0
-            step = micro_batch(spec.batch_size, ids.shape[1], max(bm.width, vocab))  # logits are the widest
+            step = bm.micro(spec.batch_size, ids.shape[1], vocab)  # logits are the widest
             for s in range(0, len(ids), step):
                 x = ids[s:s + step].to(dev)
                 lp = F.log_softmax(head(norm(h[s:s + step].to(dev))).float(), -1)

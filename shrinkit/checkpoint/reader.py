@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import sys
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
