@@ -125,7 +125,9 @@ def shrinkit_stats(parent: str, recipe: str) -> dict:
         st = calibrate(ckpt, plan, spec, seed=r.seed)
     finally:
         ckpt.close()
-    return {"tokens": st.tokens, "hidden": st.hidden, "ffn": st.ffn, "heads": st.heads, "influence": st.influence}
+    from shrinkit.families.spaces import Space
+    return {"tokens": st.tokens, "hidden": st.by_space(Space.HIDDEN)[None], "ffn": st.by_space(Space.FFN),
+            "heads": st.by_space(Space.Q_HEADS), "influence": st.influence}
 
 
 def compare(a: dict, b: dict) -> dict:

@@ -19,37 +19,14 @@ import torch
 
 from .checkpoint.reader import Checkpoint
 from .errors import ParentError, RecipeError, UsageError
-from .families.spaces import Space
+from .families import FAMILIES, Family
+from .families.spaces import HEAD, Space
 from .plan import Plan
 from .recipe import Calibration
-from .stages.rank import Scores
+from .stages.rank import Scores, add_score
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 MAX_TEXT_CHARS = 16_000_000
-
-
-# ------------------------------------------------------------------ family adapters
-@dataclass(frozen=True)
-class Adapter:
-    auto: str                 # transformers Auto class that builds the model from its config
-    base: str                 # the base model inside it ("" for the model itself)
-    layers: str               # the ModuleList of blocks, relative to base
-    out_proj: str             # attention output projection, relative to a block
-    down_proj: str            # FFN down projection, relative to a block
-    out_proj_in_first: bool   # weight stored [in, out] (GPT-2 Conv1D) rather than [out, in]
-    final_norm: str | None    # relative to base
-    head: str | None          # output head, relative to the model
-    causal: bool
-
-
-ADAPTERS = {
-    "llama": Adapter("AutoModelForCausalLM", "model", "layers", "self_attn.o_proj", "mlp.down_proj", False,
-                     "norm", "lm_head", True),
-    "gpt2": Adapter("AutoModelForCausalLM", "transformer", "h", "attn.c_proj", "mlp.c_proj", True,
-                    "ln_f", "lm_head", True),
-    "bert": Adapter("AutoModel", "", "encoder.layer", "attention.output.dense", "output.dense", False,
-                    None, None, False),
-}
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -208,14 +185,17 @@ class BlockModel:
     as float32. Activations run in float32 micro-batches sized by micro_batch().
     """
 
-    def __init__(self, ckpt: Checkpoint, family_name: str, device: str = "cpu", scratch: str | Path | None = None):
+    def __init__(self, ckpt: Checkpoint, family: Family | str, device: str = "cpu", scratch: str | Path | None = None):
         import transformers
         from accelerate import init_empty_weights
 
-        if family_name not in ADAPTERS:
-            raise ParentError(f"calibration does not support the {family_name} family yet; use method: magnitude")
+        if isinstance(family, str):
+            family = next(f for f in FAMILIES if f.name == family)
+        if family.block is None:
+            raise ParentError(f"calibration does not support the {family.name} family yet; use method: magnitude")
         self.ckpt = ckpt
-        self.ad = ADAPTERS[family_name]
+        self.family = family
+        self.ad = family.block
         self.device = torch.device(device)
         self.scratch = scratch
         self._bufs: dict = {}  # reused float32 cast buffers of the streamed linear layers
@@ -316,15 +296,14 @@ class BlockModel:
     # -- the three pieces of a forward pass
     def embed(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
         """Embeddings of every sample, float32 on the CPU in a scratch-file mapping: [N, T, H]."""
-        mods = self._embedding_modules()
-        plain = self.ad.auto != "AutoModel"  # plain lookups (not BERT's embeddings block with its LayerNorm)
-        for m in mods:
-            self.load(m, keep_dtype=plain)  # a lookup needs no float32 copy of the whole table
+        mods = self.family.embedding_modules(self)
+        for m in mods:  # a plain lookup needs no float32 copy of the whole table
+            self.load(m, keep_dtype=self.family.embed_as_stored)
         h = None
         step = self.micro(batch, ids.shape[1])
         with torch.no_grad():
             for s in range(0, len(ids), step):
-                y = self._embed_call(ids[s:s + step].to(self.device)).float()
+                y = self.family.embed(self, ids[s:s + step].to(self.device)).float()
                 if h is None:
                     h = activation_buffer((len(ids), *y.shape[1:]), self.scratch)
                 h[s:s + step] = y.cpu()
@@ -332,29 +311,8 @@ class BlockModel:
             self.free(m)
         return h
 
-    def _embedding_modules(self):
-        if self.ad.base == "transformer":  # GPT-2: token + position embeddings
-            return [self.base.wte, self.base.wpe]
-        if self.ad.auto == "AutoModel":      # BERT: the embeddings block (with its LayerNorm)
-            return [self.base.embeddings]
-        return [self.model.get_input_embeddings()]
-
-    def _embed_call(self, x):
-        if self.ad.base == "transformer":
-            pos = torch.arange(x.shape[1], device=x.device)[None]
-            return self.base.wte(x).float() + self.base.wpe(pos).float()
-        if self.ad.auto == "AutoModel":
-            return self.base.embeddings(input_ids=x)
-        return self.model.get_input_embeddings()(x)
-
     def layer_call(self, layer, x):
-        if self.ad.base == "model":  # Llama family: rotary position embeddings from the model
-            pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-            pe = self.base.rotary_emb(x, pos)
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-        else:
-            y = layer(x, attention_mask=None)
-        return y[0] if isinstance(y, tuple) else y
+        return self.family.layer_call(self, layer, x)
 
     def run_layers(self, h: torch.Tensor, batch: int, observe=None, progress=None) -> torch.Tensor:
         """Push all activations through every block, one block resident at a time (in place)."""
@@ -392,57 +350,83 @@ class BlockModel:
 # ------------------------------------------------------------------ statistics
 @dataclass
 class CalibStats:
-    hidden: torch.Tensor | None = None                      # sum over residual states of mean |x|
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    # (space, key) -> mean statistic per unit: the residual stream's mean |x| (hidden), each
+    # observed module's mean |input| per index (ffn, ...) or each head's mean contribution
+    # |O_h z_h| to the residual stream (head spaces); keys as in Plan.kept
+    scores: dict = field(default_factory=dict)
     influence: list[float] = field(default_factory=list)    # Block Influence per layer
     tokens: int = 0
 
+    def by_space(self, space: Space) -> dict:
+        """key -> statistic for one space (a global space's only key is None)."""
+        return {k: v for (sp, k), v in self.scores.items() if sp is space}
+
 
 class Observer:
-    def __init__(self, bm: BlockModel, head_dim: int, n_heads: int, n_layers: int):
+    def __init__(self, bm: BlockModel, dims, n_layers: int):
         self.bm = bm
-        self.hd = head_dim
-        self.nh = n_heads
+        self.dims = dims
+        self.hd = dims.head_dim
         self.st = CalibStats()
         self._bi = [0.0] * n_layers
         self._n = [0] * n_layers
         self.n_layers = n_layers
 
+    def record(self, space: Space, key, v: torch.Tensor) -> None:
+        add_score(self.st.scores, space, key, v)
+
+    def _modules(self, layer, path: str):
+        """(expert or None, module) for an observe path ("{expert}": every expert present)."""
+        if "{expert}" not in path:
+            return [(None, layer.get_submodule(path))]
+        out = []
+        for e in range(self.dims.num_experts or 0):
+            try:
+                out.append((e, layer.get_submodule(path.format(expert=e))))
+            except AttributeError:
+                pass
+        return out
+
     def attach(self, i: int, layer) -> list:
-        ad = self.bm.ad
-        out_proj = layer.get_submodule(ad.out_proj)
-        down = layer.get_submodule(ad.down_proj)
+        hooks = []
+        for space, path in self.bm.ad.observe.items():
+            for e, mod in self._modules(layer, path):
+                key = space.key(i, e)
+                fn = self._on_heads(space, key) if space.unit == HEAD else self._on_index(space, key)
+                hooks.append(mod.register_forward_pre_hook(fn))
+        return hooks + self.bm.family.observers(self.bm, i, layer, self.record)
 
-        def on_down(mod, args):
+    def _on_index(self, space: Space, key):
+        def hook(mod, args):
             a = args[0].detach()
-            v = a.abs().reshape(-1, a.shape[-1]).sum(0).double().cpu()
-            self.st.ffn[i] = self.st.ffn.get(i, 0) + v
+            self.record(space, key, a.abs().reshape(-1, a.shape[-1]).sum(0).double().cpu())
+        return hook
 
-        def on_out(mod, args):
+    def _on_heads(self, space: Space, key):
+        nh, in_first = space.units(self.dims), self.bm.ad.in_first
+
+        def hook(mod, args):
             # each head's contribution to the residual stream: |O_h z_h| per token
             z = args[0].detach()
-            z = z.reshape(-1, self.nh, self.hd).transpose(0, 1)            # [heads, T, hd]
+            z = z.reshape(-1, nh, self.hd).transpose(0, 1)                 # [heads, T, hd]
             w = mod.weight                                                  # as stored
-            H = w.shape[1] if ad.out_proj_in_first else w.shape[0]
-            contrib = torch.zeros(self.nh, dtype=torch.float64, device=z.device)
-            group = max(1, min(self.nh, CAST_BYTES // (4 * self.hd * H)))  # heads cast to float32 at once
-            for h0 in range(0, self.nh, group):
-                h1 = min(self.nh, h0 + group)
-                rows = w[h0 * self.hd:h1 * self.hd] if ad.out_proj_in_first else w[:, h0 * self.hd:h1 * self.hd].T
+            H = w.shape[1] if in_first else w.shape[0]
+            contrib = torch.zeros(nh, dtype=torch.float64, device=z.device)
+            group = max(1, min(nh, CAST_BYTES // (4 * self.hd * H)))       # heads cast to float32 at once
+            for h0 in range(0, nh, group):
+                h1 = min(nh, h0 + group)
+                rows = w[h0 * self.hd:h1 * self.hd] if in_first else w[:, h0 * self.hd:h1 * self.hd].T
                 wh = rows.to(z.dtype).reshape(h1 - h0, self.hd, H)          # [g, hd, H]
                 step = max(1, ACT_BYTES // (4 * (h1 - h0) * H))
                 for t0 in range(0, z.shape[1], step):
                     contrib[h0:h1] += torch.bmm(z[h0:h1, t0:t0 + step], wh).norm(dim=-1).sum(1).double()
-            self.st.heads[i] = self.st.heads.get(i, 0) + contrib.cpu()
-
-        return [down.register_forward_pre_hook(on_down), out_proj.register_forward_pre_hook(on_out)]
+            self.record(space, key, contrib.cpu())
+        return hook
 
     def residual(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        xa = x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu()
-        self.st.hidden = xa if self.st.hidden is None else self.st.hidden + xa
+        self.record(Space.HIDDEN, None, x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu())
         if i == self.n_layers - 1:
-            self.st.hidden += y.abs().reshape(-1, y.shape[-1]).sum(0).double().cpu()
+            self.st.scores[(Space.HIDDEN, None)] += y.abs().reshape(-1, y.shape[-1]).sum(0).double().cpu()
         cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
         self._bi[i] += float((1 - cos.double()).sum())
         self._n[i] += cos.numel()
@@ -450,9 +434,7 @@ class Observer:
     def finish(self) -> CalibStats:
         n = max(self._n[0], 1)
         self.st.tokens = n
-        self.st.hidden = self.st.hidden / n
-        self.st.ffn = {k: v / n for k, v in self.st.ffn.items()}
-        self.st.heads = {k: v / n for k, v in self.st.heads.items()}
+        self.st.scores = {k: v / n for k, v in self.st.scores.items()}
         self.st.influence = [b / max(c, 1) for b, c in zip(self._bi, self._n)]
         return self.st
 
@@ -462,25 +444,18 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
     """Activation statistics of the parent over the calibration tokens, one block at a time.
     scratch: folder for the activations' backing file (default: the system's temporary folder)."""
     ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
-    bm = BlockModel(ckpt, plan.family.name, device, scratch)
+    bm = BlockModel(ckpt, plan.family, device, scratch)
     if progress is not None:
         progress.phase(f"calibrate ({spec.samples}x{spec.seq_len} tokens)",
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
     h = bm.embed(ids, spec.batch_size)
-    obs = Observer(bm, plan.parent.head_dim, plan.parent.num_attention_heads, len(bm.layers))
+    obs = Observer(bm, plan.parent, len(bm.layers))
     bm.run_layers(h, spec.batch_size, obs, progress)
     return obs.finish()
 
 
 def activation_scores(stats: CalibStats, plan: Plan, need: set[Space]) -> Scores:
-    sc = Scores()
-    if Space.HIDDEN in need:
-        sc.hidden = stats.hidden
-    if Space.FFN in need:
-        sc.ffn = dict(stats.ffn)
-    if Space.Q_HEADS in need:
-        sc.q_heads = dict(stats.heads)
-    return sc
+    return {k: v for k, v in stats.scores.items() if k[0] in need}
 
 
 def layer_influence(stats: CalibStats) -> list[float]:

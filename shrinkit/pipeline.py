@@ -21,8 +21,9 @@ from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
 from .families import family_for
+from .families.spaces import GLOBAL, LAYER
 from .hf import check_config
-from .plan import OUT_DTYPES, DTYPE_STR, Plan, count_params, match_rule, parent_params, resolve_target
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_fused, count_params, match_rule, parent_params, resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
@@ -69,7 +70,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     fam = family_for(ckpt.config)
     pdims = fam.dims(ckpt.config)
     for info in ckpt.tensors.values():  # every tensor must be in the architecture map, before any work
-        match_rule(fam, info)
+        check_fused(fam, pdims, info, match_rule(fam, info)[0])
     drop = recipe.stage("drop_layers")
     child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers),
                            ckpt.config.get("model_type"))
@@ -373,16 +374,8 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
     fam = plan.family
     tied = fam.tied(ckpt.config)
 
-    def per_layer(d: dict) -> dict:
-        return {str(i): d[p].tolist() for i, p in enumerate(plan.layers) if p in d}
-
-    kept = {
-        "layers": list(plan.layers),
-        "hidden": plan.hidden.tolist() if plan.hidden is not None else "all",
-        "ffn": per_layer(plan.ffn) or "all",
-        "q_heads": per_layer(plan.q_heads) or "all",
-        "kv_heads": per_layer(plan.kv_heads) or "all",
-    }
+    kept = {"layers": list(plan.layers)}
+    kept.update(kept_report(plan))
     return {
         "shrinkit_version": __version__,
         "family": fam.name,
@@ -408,6 +401,31 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
         "stages": stages,
         "seconds": round(seconds, 3),
     }
+
+
+def kept_report(plan: Plan) -> dict:
+    """Kept indices of every space of the family, in child numbering: a list (global space), or
+    {child layer: list} or {"child layer.child expert": list}; "all" where nothing is cut."""
+    out = {}
+    for sp in plan.family.spaces():
+        if not sp.cut:
+            continue
+        if sp.per == GLOBAL:
+            k = plan.kept.get((sp, None))
+            out[sp.name] = k.tolist() if k is not None else "all"
+            continue
+        d = {}
+        for ci, p in enumerate(plan.layers):
+            if sp.per == LAYER:
+                if (sp, p) in plan.kept:
+                    d[str(ci)] = plan.kept[(sp, p)].tolist()
+                continue
+            experts = plan.kept_experts(p)
+            for ce, e in enumerate(experts if experts is not None else range(plan.parent.num_experts or 0)):
+                if (sp, (p, e)) in plan.kept:
+                    d[f"{ci}.{ce}"] = plan.kept[(sp, (p, e))].tolist()
+        out[sp.name] = d or "all"
+    return out
 
 
 def base_model_name(ckpt: Checkpoint) -> str:

@@ -14,7 +14,8 @@ import torch
 from .checkpoint.reader import Checkpoint, TensorInfo
 from .errors import ParentError, RecipeError
 from .families import Dims, Family
-from .families.spaces import Fused, Rule, Space
+from .families.base import OPTIONAL
+from .families.spaces import HEAD, Fused, Rule, Space
 from .recipe import Recipe
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,10 +52,18 @@ class ChildTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     norm: bool
+    expert: int | None = None  # parent expert index
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def tensor_key(rule: Rule, m) -> tuple[int | None, int | None]:
+    """(parent layer, parent expert) of a matched tensor name (None where the rule has none)."""
+    layer = int(m.group("layer")) if rule.per_layer else None
+    expert = int(m.group("expert")) if rule.per_expert else None
+    return layer, expert
 
 
 @dataclass
@@ -64,44 +73,49 @@ class Plan:
     child: Dims
     out_dtype: torch.dtype
     layers: list[int] = field(default_factory=list)        # parent index of each child layer
-    hidden: torch.Tensor | None = None                     # None: keep all
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    q_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    # kept units of every (space, key), in parent numbering and ascending order: key None (global
+    # space), the parent layer, or (parent layer, parent expert); heads for head spaces. An
+    # absent entry keeps everything.
+    kept: dict[tuple[Space, object], torch.Tensor] = field(default_factory=dict)
     cast: bool = True          # cast every float tensor to out_dtype; False keeps each tensor's own dtype
     norm_factor: float | None = None
     ranked: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
-    # ---- kept indices per (space, layer), as element indices along an axis
-    def _kept(self, space: Space, layer: int | None) -> torch.Tensor | None:
-        if space is Space.HIDDEN:
-            return self.hidden
-        if space is Space.FFN:
-            return self.ffn.get(layer)
-        if space is Space.Q_HEADS:
-            h = self.q_heads.get(layer)
-            return None if h is None else expand_heads(h, self.parent.head_dim)
-        if space is Space.KV_HEADS:
-            h = self.kv_heads.get(layer)
-            return None if h is None else expand_heads(h, self.parent.head_dim)
-        return None  # VOCAB: never cut
+    # ---- kept indices per (space, key), as element indices along an axis
+    def _kept(self, space: Space, layer: int | None, expert: int | None = None) -> torch.Tensor | None:
+        if not space.cut:
+            return None
+        k = self.kept.get((space, space.key(layer, expert)))
+        if k is None or space.unit != HEAD:
+            return k
+        return expand_heads(k, self.parent.head_dim)
 
-    def axis_index(self, axis, layer: int | None, size: int) -> Index | None:
-        key = (axis, layer, size)
+    def kept_experts(self, layer: int) -> list[int] | None:
+        """The parent experts of a parent layer that the child keeps, in order (None: all)."""
+        k = self.kept.get((Space.EXPERTS, layer))
+        return None if k is None else k.tolist()
+
+    def axis_index(self, axis, layer: int | None, size: int, expert: int | None = None) -> Index | None:
+        key = (axis, layer, expert, size)
         if key in self._cache:
             return self._cache[key]
         if axis is None:
             out = None
+        elif isinstance(axis, Fused) and axis.layout == "heads":
+            k = self.kept.get((axis.parts[0], axis.parts[0].key(layer, expert)))
+            out = None if k is None else Index(expand_heads(k, len(axis.parts) * self.parent.head_dim))
         elif isinstance(axis, Fused):
-            part = size // len(axis.parts)
-            kept = [self._kept(p, layer) for p in axis.parts]
+            sizes = axis.part_sizes(self.parent)
+            kept = [self._kept(p, layer, expert) for p in axis.parts]
             if all(k is None for k in kept):
                 out = None
             else:
-                out = Index(torch.cat([(torch.arange(part) if k is None else k) + j * part for j, k in enumerate(kept)]))
+                offs = [sum(sizes[:j]) for j in range(len(sizes))]
+                out = Index(torch.cat([(torch.arange(n) if k is None else k) + o
+                                       for k, n, o in zip(kept, sizes, offs)]))
         else:
-            k = self._kept(axis, layer)
+            k = self._kept(axis, layer, expert)
             out = None if k is None or len(k) == size and bool((k == torch.arange(size)).all()) else Index(k)
         self._cache[key] = out
         return out
@@ -120,18 +134,26 @@ class Plan:
             rule, m = match_rule(fam, info)
             if rule.drop or (rule.tied and tied):
                 continue
-            layer = None
-            name = info.name
-            if "layer" in rule.regex.groupindex:
-                layer = int(m.group("layer"))
+            layer, expert = tensor_key(rule, m)
+            renumber = {}
+            if layer is not None:
                 if layer not in new_index:
                     continue
-                name = name[: m.start("layer")] + str(new_index[layer]) + name[m.end("layer"):]
+                renumber["layer"] = new_index[layer]
+            if expert is not None:
+                kept = self.kept_experts(layer)
+                if kept is not None:
+                    if expert not in kept:
+                        continue
+                    renumber["expert"] = kept.index(expert)
+            name = info.name
+            for g in sorted(renumber, key=m.start, reverse=True):  # dropped layers/experts: renumber the rest
+                name = name[: m.start(g)] + str(renumber[g]) + name[m.end(g):]
             shape = tuple(
-                (idx.length if (idx := self.axis_index(a, layer, s)) is not None else s)
+                (idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
                 for a, s in zip(rule.axes, info.shape))
             dtype = self.out_dtype if info.dtype.is_floating_point and self.cast else info.dtype
-            out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm))
+            out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm, expert))
         return out
 
 
@@ -145,6 +167,18 @@ def match_rule(fam: Family, info: TensorInfo):
         raise ParentError(f"tensor {info.name!r} has shape {list(info.shape)}, but a {fam.name} map expects "
                           f"{len(rule.axes)} axes; the checkpoint does not match its config")
     return rule, m
+
+
+def check_fused(fam: Family, dims: Dims, info: TensorInfo, rule: Rule) -> None:
+    """The parts of every fused axis, computed from the dims, must add up to the axis's real length."""
+    for ax, (a, n) in enumerate(zip(rule.axes, info.shape)):
+        if not isinstance(a, Fused):
+            continue
+        sizes = a.part_sizes(dims)
+        if None in sizes or sum(sizes) != n:
+            parts = " + ".join(f"{p} {s}" for p, s in zip(a.parts, sizes))
+            raise ParentError(f"tensor {info.name!r} axis {ax} has length {n}, but the {fam.name} config makes its "
+                              f"fused parts {parts}; the checkpoint does not match its config")
 
 
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
@@ -190,7 +224,23 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
         raise RecipeError(
             f"{heads} query heads over {kv} kv heads is {heads // kv} per group, but the parent's groups hold "
             f"{r_parent}; whole KV groups are kept, so use at least {math.ceil(heads / r_parent)} kv heads")
-    return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size)
+    opt = {}
+    for name in OPTIONAL:  # mixture-of-experts counts: only where the parent has them
+        c, p = getattr(t, name, None), getattr(parent, name)
+        if p is None:
+            if c is not None:
+                raise RecipeError(f"target {name} is set, but this {fam.name} parent has no such dimension; remove it")
+            continue
+        if c is not None and c > p:
+            raise RecipeError(f"target {name} {c} is larger than the parent's {p}; a child can only be smaller")
+        opt[name] = c if c is not None else p
+    if "num_experts" in opt and "num_experts_per_tok" in opt:
+        if getattr(t, "num_experts_per_tok", None) is None:
+            opt["num_experts_per_tok"] = min(opt["num_experts_per_tok"], opt["num_experts"])
+        elif opt["num_experts_per_tok"] > opt["num_experts"]:
+            raise RecipeError(f"target num_experts_per_tok {opt['num_experts_per_tok']} is more than its "
+                              f"num_experts {opt['num_experts']}")
+    return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
 
 
 def parent_params(fam: Family, ckpt: Checkpoint) -> int:

@@ -24,6 +24,10 @@ class Target(Strict):
     num_attention_heads: Optional[PositiveInt] = None
     num_key_value_heads: Optional[PositiveInt] = None
     num_hidden_layers: Optional[PositiveInt] = None
+    # mixture-of-experts parents only
+    num_experts: Optional[PositiveInt] = None
+    num_experts_per_tok: Optional[PositiveInt] = None
+    expert_intermediate_size: Optional[PositiveInt] = None
 
 
 class Calibration(Strict):

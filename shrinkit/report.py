@@ -17,15 +17,11 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-SHAPE_ROWS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "num_hidden_layers", "vocab_size")
-
-
 def shape_table(report: dict) -> list[str]:
     p, c = report["parent"], report["child"]
     rows = ["| | parent | child |", "|---|---:|---:|"]
-    for k in SHAPE_ROWS:
-        rows.append(f"| {k} | {p['dims'][k]} | {c['dims'][k]} |")
+    for k in p["dims"]:  # every dimension the family has (Dims.as_dict), in declaration order
+        rows.append(f"| {k} | {p['dims'][k]} | {c['dims'].get(k, '')} |")
     rows.append(f"| parameters | {_fmt_params(p['params'])} | {_fmt_params(c['params'])} |")
     rows.append(f"| bytes | {_fmt_bytes(p['bytes'])} | {_fmt_bytes(c['bytes'])} |")
     rows.append(f"| dtype | {p['dtype']} | {c['dtype']} |")

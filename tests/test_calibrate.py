@@ -68,7 +68,8 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     import transformers
 
     import shrinkit.calibrate as C
-    from shrinkit.calibrate import ADAPTERS, calibrate
+    from shrinkit.calibrate import calibrate
+    from shrinkit.families.spaces import Space
     from shrinkit.checkpoint.reader import open_checkpoint
     from shrinkit.pipeline import prepare
     from shrinkit.recipe import Calibration
@@ -93,12 +94,12 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
             assert bm.micro(4, 16) == 1 and calls
         from shrinkit.calibrate import calibration_tokens
         ids = calibration_tokens(ck, spec, plan.parent.vocab_size, seed=0)
-    ad = ADAPTERS[plan.family.name]
+    ad = plan.family.block
     model = getattr(transformers, ad.auto).from_pretrained(pl.path, attn_implementation="sdpa", dtype=torch.float32).eval()
     base = model.get_submodule(ad.base) if ad.base else model
     ffn, io = {}, {}
     for i, layer in enumerate(base.get_submodule(ad.layers)):
-        layer.get_submodule(ad.down_proj).register_forward_pre_hook(
+        layer.get_submodule(ad.observe[Space.FFN]).register_forward_pre_hook(
             lambda m, a, i=i: ffn.__setitem__(i, a[0].abs().reshape(-1, a[0].shape[-1]).sum(0)))
         layer.register_forward_hook(
             lambda m, a, kw, out, i=i: io.__setitem__(i, (a[0] if a else kw["hidden_states"],
@@ -110,9 +111,9 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     flat = lambda t: t.reshape(-1, t.shape[-1])
     n = len(io)
     ref_hidden = (sum(flat(io[i][0]).abs().sum(0) for i in range(n)) + flat(io[n - 1][1]).abs().sum(0)) / ntok
-    assert rel_err(st.hidden, ref_hidden) < 1e-5
+    assert rel_err(st.scores[(Space.HIDDEN, None)], ref_hidden) < 1e-5
     for i in ffn:
-        assert rel_err(st.ffn[i], ffn[i] / ntok) < 1e-5
+        assert rel_err(st.scores[(Space.FFN, i)], ffn[i] / ntok) < 1e-5
     bi = [float((1 - torch.nn.functional.cosine_similarity(flat(io[i][0]).double(), flat(io[i][1]).double(), dim=-1)).mean())
           for i in range(n)]
     assert max(abs(a - b) for a, b in zip(st.influence, bi)) < 1e-6

@@ -38,11 +38,9 @@ def test_cuda_statistics_equal_cpu(tmp_path, kind):
     pl = {"llama": planted.llama_like, "gpt2": planted.gpt2, "bert": lambda p: planted.bert(p, mlm=False)}[kind](tmp_path / "p")
     cpu, gpu = _stats(pl.path, "cpu"), _stats(pl.path, "cuda")
     assert gpu.tokens == cpu.tokens
-    assert close(gpu.hidden, cpu.hidden)
-    for i in cpu.ffn:
-        assert close(gpu.ffn[i], cpu.ffn[i])
-    for i in cpu.heads:
-        assert close(gpu.heads[i], cpu.heads[i])
+    assert gpu.scores.keys() == cpu.scores.keys()
+    for k in cpu.scores:  # hidden, every layer's ffn neurons and heads
+        assert close(gpu.scores[k], cpu.scores[k]), k
     assert max(abs(a - b) for a, b in zip(gpu.influence, cpu.influence)) < 1e-4
 
 

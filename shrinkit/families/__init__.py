@@ -21,4 +21,13 @@ def family_for(config: dict) -> Family:
     raise ParentError(f"unsupported architecture: model_type {mt!r} ({arch}); shrinkit supports {known}")
 
 
-__all__ = ["Dims", "Family", "FAMILIES", "family_for"]
+def families_table() -> list[str]:
+    """The README's "Supported families" table, generated from the family modules (a test
+    checks that the README holds exactly these lines)."""
+    rows = ["| family | model types | notes |", "|---|---|---|"]
+    for f in FAMILIES:
+        rows.append(f"| {f.name} | {', '.join(f.model_types)} | {f.notes} |")
+    return rows
+
+
+__all__ = ["Dims", "Family", "FAMILIES", "family_for", "families_table"]

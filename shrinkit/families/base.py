@@ -1,12 +1,13 @@
-"""A family: the architecture map of one model family, as data."""
+"""A family: the architecture map of one model family, as data, plus the few methods whose
+behaviour data cannot express (a subclass of Family overrides them)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import ParentError
-from .spaces import Rule
+from .spaces import SPACES, Rule, Space
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,37 @@ class Dims:
     head_dim: int
     num_hidden_layers: int
     vocab_size: int
+    # mixture-of-experts families only (None elsewhere)
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    expert_intermediate_size: int | None = None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-CANONICAL = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+# canonical names a recipe's target may set, mapped to each family's config keys by Family.keys
+CANONICAL = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+             "num_experts", "num_experts_per_tok", "expert_intermediate_size")
+OPTIONAL = tuple(f.name for f in fields(Dims) if f.default is None)
+
+
+@dataclass(frozen=True)
+class Block:
+    """How calibration and verification find and run this family's blocks in transformers'
+    own modules (all paths are module names)."""
+
+    auto: str                 # transformers Auto class that builds the model from its config
+    base: str                 # the base model inside it ("" for the model itself)
+    layers: str               # the ModuleList of blocks, relative to base
+    # space -> module (relative to a block) whose *input* runs along that space: its activations
+    # score the space. A head space scores each head's contribution |O_h z_h| through the module's
+    # weight; an index space scores mean |input| per index. "{expert}" in a path: one per expert.
+    observe: dict = field(default_factory=dict)
+    in_first: bool = False    # linear weights stored [in, out] (GPT-2's Conv1D) rather than [out, in]
+    final_norm: str | None = None   # relative to base
+    head: str | None = None         # output head, relative to the model
+    causal: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,9 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types", "mlp_layer_types")  # per-layer config lists, cut with the layers
     # model types whose transformers config requires hidden_size % num_attention_heads == 0
     heads_divide_hidden: tuple[str, ...] = ()
+    block: Block | None = None           # None: no calibration or verification for this family
+    # README "Supported families" row: what is special about this family (tests check the table)
+    notes: str = ""
     extra: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- config <-> dims
@@ -68,13 +97,18 @@ class Family:
             if hidden % heads:
                 raise ParentError(f"parent hidden size {hidden} is not divisible by its {heads} heads")
             hd = hidden // heads
-        return Dims(hidden, int(ffn), heads, int(kv), int(hd), layers, vocab)
+        opt = {}
+        for canon in OPTIONAL:
+            v = self._get(cfg, canon)
+            if v is not None:
+                opt[canon] = int(v)
+        return Dims(hidden, int(ffn), heads, int(kv), int(hd), layers, vocab, **opt)
 
     def child_config(self, cfg: dict, child: Dims, kept_layers: list[int], dtype_name: str) -> dict:
         out = dict(cfg)
         for canon in CANONICAL:
             key = self.keys.get(canon)
-            if key:
+            if key and getattr(child, canon) is not None:
                 out[key] = getattr(child, canon)
         if self.write_head_dim:
             out["head_dim"] = child.head_dim
@@ -97,3 +131,42 @@ class Family:
             if m:
                 return r, m
         return None
+
+    def spaces(self) -> tuple[Space, ...]:
+        """The spaces this family's tensors live in (and the spaces they are chosen within),
+        in declaration order."""
+        used = {sp for r in self.rules for _, sp in r.spaces()}
+        used |= {sp.within for sp in used if sp.within is not None}
+        return tuple(s for s in SPACES if s in used)
+
+    # ---------------------------------------------------------------- behaviour (override per family)
+    def rescale(self, rule: Rule, t, factor: float):
+        """The child tensor after rescale_norms by `factor` (sqrt(parent hidden / child hidden)
+        by default), or t unchanged. Default: a norm weight w becomes w * factor, computed in
+        float32 (the caller casts to the child's dtype)."""
+        if not rule.norm:
+            return t
+        return t.float() * factor
+
+    # Calibration and verification run the parent's blocks in transformers' modules (see
+    # shrinkit.calibrate.BlockModel, passed as bm: bm.model, bm.base, bm.device). These three
+    # methods are what differs between families in that forward pass.
+    embed_as_stored = True   # the embedding modules are plain lookups (no float32 copy needed)
+
+    def embedding_modules(self, bm) -> list:
+        """The modules that form a block-0 input from token ids (loaded for embed())."""
+        return [bm.model.get_input_embeddings()]
+
+    def embed(self, bm, ids):
+        """Token ids [B, T] -> the first block's input [B, T, H]."""
+        return bm.model.get_input_embeddings()(ids)
+
+    def layer_call(self, bm, layer, x):
+        """One block's output for input x [B, T, H] (full attention, no padding)."""
+        y = layer(x, attention_mask=None)
+        return y[0] if isinstance(y, tuple) else y
+
+    def observers(self, bm, i: int, layer, record) -> list:
+        """Extra forward hooks on block i for statistics the observe map cannot express (router
+        load, ...); record(space, key, vector) adds a score vector. Returns the hook handles."""
+        return []

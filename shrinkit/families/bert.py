@@ -1,10 +1,24 @@
 """BERT (BertModel, BertForMaskedLM, BertForPreTraining; MiniLM): post-LayerNorm encoder."""
 
-from .base import Family
+from .base import Block, Family
 from .spaces import Space as S, layer_rule, rule
 
+
+class Encoder(Family):
+    """BERT-style encoders: the embeddings block (word + position + token type, LayerNorm)
+    forms a block input; blocks are post-LayerNorm and see no attention mask."""
+
+    embed_as_stored = False  # the embeddings block has a LayerNorm: everything in float32
+
+    def embedding_modules(self, bm):
+        return [bm.base.embeddings]
+
+    def embed(self, bm, ids):
+        return bm.base.embeddings(input_ids=ids)
+
+
 E = "encoder.layer"
-bert = Family(
+bert = Encoder(
     name="bert",
     model_types=("bert",),
     rules=(
@@ -54,4 +68,7 @@ bert = Family(
     norm="layer",
     tie_default=True,
     head_dim_from_hidden=True,
+    block=Block("AutoModel", "", "encoder.layer",
+                observe={S.Q_HEADS: "attention.output.dense", S.FFN: "output.dense"}, causal=False),
+    notes="BertModel, BertForMaskedLM, BertForPreTraining (MiniLM); integer buffers pass through",
 )

@@ -1,11 +1,25 @@
 """GPT-2: Conv1D weights stored transposed ([in, out]), fused c_attn, LayerNorm, tied head."""
 
-from .base import Family
+import torch
+
+from .base import Block, Family
 from .spaces import Fused, Space as S, layer_rule, rule
+
+
+class GPT2(Family):
+    """Token plus learned position embeddings form a block input."""
+
+    def embedding_modules(self, bm):
+        return [bm.base.wte, bm.base.wpe]
+
+    def embed(self, bm, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        return bm.base.wte(ids).float() + bm.base.wpe(pos).float()
+
 
 QKV = Fused((S.Q_HEADS, S.Q_HEADS, S.Q_HEADS))
 H = "h"
-gpt2 = Family(
+gpt2 = GPT2(
     name="gpt2",
     model_types=("gpt2",),
     rules=(
@@ -41,4 +55,8 @@ gpt2 = Family(
     tie_default=True,
     head_dim_from_hidden=True,
     ffn_default_factor=4,
+    block=Block("AutoModelForCausalLM", "transformer", "h",
+                observe={S.Q_HEADS: "attn.c_proj", S.FFN: "mlp.c_proj"}, in_first=True,
+                final_norm="ln_f", head="lm_head", causal=True),
+    notes="Conv1D weights stored [in, out], fused c_attn, tied head, `n_inner` may be null",
 )

@@ -1,10 +1,22 @@
 """Llama family: Llama, Mistral, Qwen2 (qkv biases), Qwen3 (q/k norms). RMSNorm, GQA."""
 
-from .base import Family
+import torch
+
+from .base import Block, Family
 from .spaces import Space as S, layer_rule, rule
 
+
+class Llama(Family):
+    def layer_call(self, bm, layer, x):
+        # rotary position embeddings come from the model, once per call
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        pe = bm.base.rotary_emb(x, pos)
+        y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        return y[0] if isinstance(y, tuple) else y
+
+
 L = "layers"
-llama = Family(
+llama = Llama(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     rules=(
@@ -40,4 +52,8 @@ llama = Family(
     tie_default=False,
     write_head_dim=True,
     heads_divide_hidden=("llama",),
+    block=Block("AutoModelForCausalLM", "model", "layers",
+                observe={S.Q_HEADS: "self_attn.o_proj", S.FFN: "mlp.down_proj"},
+                final_norm="norm", head="lm_head", causal=True),
+    notes="RMSNorm, GQA, qkv biases (Qwen2), q/k norms (Qwen3), tied or untied head",
 )

@@ -1,7 +1,9 @@
 """rank_neurons: score every space and keep the top indices.
 
-Scores are one vector per space: hidden (global), and per layer ffn neurons, query heads and
-kv heads. `magnitude` scores from the weights alone (each tensor contributes its mean |w| per
+Scores are one vector per (space, key), as declared in shrinkit.families.spaces: the key is
+None for a global space (hidden), the parent layer (ffn neurons, query and kv heads, experts),
+or (parent layer, parent expert) for an expert's own neurons; head spaces score whole heads.
+`magnitude` scores from the weights alone (each tensor contributes its mean |w| per
 index, normalized so every tensor weighs the same; a zero weight scores zero). `activation`
 scores come from calibration (see shrinkit.calibrate) and go through the same selection.
 `first`, `uniform` and `random` are the weight-selection paper's data-free selections.
@@ -9,24 +11,26 @@ scores come from calibration (see shrinkit.calibrate) and go through the same se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..families.spaces import Fused, Space
-from ..plan import Plan, match_rule
+from ..families.spaces import EXPERT, GLOBAL, HEAD, LAYER, SPACES, Fused, Space
+from ..plan import Plan, match_rule, tensor_key
 
 CHUNK = 1 << 20  # elements per chunk when reducing a large tensor
 
+# (space, key) -> one score per unit (per head for head spaces), float64
+Scores = dict
 
-@dataclass
-class Scores:
-    hidden: torch.Tensor | None = None
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    q_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+
+def add_score(sc: dict, space: Space, key, v: torch.Tensor) -> None:
+    k = (space, key)
+    if k in sc:
+        sc[k] += v
+    else:
+        sc[k] = v.double()
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,96 +77,126 @@ def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
     return out
 
 
+def _parts(a, v: torch.Tensor, dims) -> list[tuple[Space, torch.Tensor]]:
+    """The per-element sums v along an axis, split into its spaces' parts."""
+    if not isinstance(a, Fused):
+        return [(a, v)]
+    if a.layout == "heads":
+        per = v.view(-1, len(a.parts), dims.head_dim)
+        return [(p, per[:, j].reshape(-1)) for j, p in enumerate(a.parts)]
+    out, o = [], 0
+    for p, n in zip(a.parts, a.part_sizes(dims)):
+        out.append((p, v[o:o + n]))
+        o += n
+    return out
+
+
 def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set[int],
                      advance: Callable[[int], None] = lambda n: None) -> Scores:
-    """Weight-magnitude importance of every index of every space in `need`."""
+    """Weight-magnitude importance of every index of every space in `need`. An expert (the
+    experts space) scores the mean |w| of its own tensors."""
     fam = plan.family
     p = plan.parent
-    sc = Scores()
-    if Space.HIDDEN in need:
-        sc.hidden = torch.zeros(p.hidden_size, dtype=torch.float64)
-
-    def acc(store: dict, layer: int, v: torch.Tensor):
-        if layer in store:
-            store[layer] += v
-        else:
-            store[layer] = v.double()
-
+    sc: Scores = {}
     for info in ckpt.tensors.values():
         rule, m = match_rule(fam, info)
         if rule.drop or not info.dtype.is_floating_point:
             continue
-        layer = int(m.group("layer")) if "layer" in rule.regex.groupindex else None
+        layer, expert = tensor_key(rule, m)
         if layer is not None and layer not in layers:
             continue
         wanted = [(ax, sp) for ax, sp in rule.spaces() if sp in need]
-        if not wanted:
+        whole = expert is not None and Space.EXPERTS in need
+        if not wanted and not whole:
             continue
         ckpt.prefetch(info.name)
-        sums = _axis_sums(ckpt.get(info.name), sorted({ax for ax, _ in wanted}))
+        t = ckpt.get(info.name)
+        sums = _axis_sums(t, sorted({ax for ax, _ in wanted})) if wanted else {}
+        if whole:
+            rows = sums[0] if 0 in sums else _axis_sums(t, [0])[0]
+            v = torch.zeros(p.num_experts, dtype=torch.float64)
+            v[expert] = float(rows.double().sum()) / max(1, t.numel())
+            add_score(sc, Space.EXPERTS, layer, v)
         advance(info.nbytes)
         for ax, a in enumerate(rule.axes):
             if ax not in sums:
                 continue
-            v = sums[ax]
-            parts = a.parts if isinstance(a, Fused) else (a,)
-            for j, sp in enumerate(parts):
+            for sp, seg in _parts(a, sums[ax], p):
                 if sp not in need:
                     continue
-                seg = v.view(len(parts), -1)[j]
                 mean = seg.mean()
                 seg = seg / mean if mean > 0 else seg
-                if sp is Space.HIDDEN:
-                    sc.hidden += seg
-                elif sp is Space.FFN:
-                    acc(sc.ffn, layer, seg)
-                elif sp is Space.Q_HEADS:
-                    acc(sc.q_heads, layer, seg.view(-1, p.head_dim).sum(1))
-                elif sp is Space.KV_HEADS:
-                    acc(sc.kv_heads, layer, seg.view(-1, p.head_dim).sum(1))
+                if sp.unit == HEAD:
+                    seg = seg.view(-1, p.head_dim).sum(1)
+                add_score(sc, sp, sp.key(layer, expert), seg)
     return sc
 
 
 def spaces_to_rank(plan: Plan) -> set[Space]:
+    """The spaces whose kept indices must be chosen: those the child has fewer units of (and
+    the spaces chosen together with them: query heads within kv groups)."""
     p, c = plan.parent, plan.child
     need = set()
-    if c.hidden_size < p.hidden_size:
-        need.add(Space.HIDDEN)
-    if c.intermediate_size < p.intermediate_size:
-        need.add(Space.FFN)
-    if c.num_attention_heads < p.num_attention_heads or c.num_key_value_heads < p.num_key_value_heads:
-        need.update((Space.Q_HEADS, Space.KV_HEADS))
+    for sp in plan.family.spaces():
+        if sp.cut and sp.units(p) is not None and sp.units(c) < sp.units(p):
+            need.add(sp)
+    for sp in plan.family.spaces():
+        if sp.within is not None and (sp in need or sp.within in need):
+            need.update((sp, sp.within))
     return need
 
 
+def _pick_grouped(plan: Plan, sp: Space, inner: Space, key, method: str, sc: Scores, gen) -> None:
+    """Whole groups of `sp` (kv heads), each keeping the same number of `inner` units (query
+    heads) chosen inside it; a group scores its own score plus its inner units' scores."""
+    p, c = plan.parent, plan.child
+    n_p, n_c = sp.units(p), sp.units(c)
+    r_p, r_c = inner.units(p) // n_p, inner.units(c) // n_c
+    q, kv = sc.get((inner, key)), sc.get((sp, key))
+    group = None
+    if q is not None or kv is not None:
+        group = torch.zeros(n_p, dtype=torch.float64)
+        if q is not None:
+            group += q.view(n_p, r_p).sum(1)
+        if kv is not None:
+            group += kv
+    groups = pick(n_p, n_c, method, group, gen)
+    qs = []
+    for g in groups.tolist():
+        within = pick(r_p, r_c, method, None if q is None else q[g * r_p:(g + 1) * r_p], gen)
+        qs.append(within + g * r_p)
+    plan.kept[(inner, key)] = torch.cat(qs)
+    plan.kept[(sp, key)] = groups
+
+
 def select(plan: Plan, method: str, scores: Scores | None, layers: list[int], seed: int) -> None:
-    """Fill the plan's kept-index sets from scores (or from a data-free method)."""
+    """Fill the plan's kept-index sets from scores (or from a data-free method): global spaces
+    first, then per layer each layer space in declaration order, then every kept expert's own
+    spaces."""
     p, c = plan.parent, plan.child
     gen = torch.Generator().manual_seed(seed)
     need = spaces_to_rank(plan)
-    sc = scores or Scores()
-    plan.hidden = pick(p.hidden_size, c.hidden_size, method, sc.hidden, gen) if Space.HIDDEN in need else None
-    plan.ffn, plan.q_heads, plan.kv_heads = {}, {}, {}
-    r_p = p.num_attention_heads // p.num_key_value_heads
-    r_c = c.num_attention_heads // c.num_key_value_heads
+    sc = scores or {}
+    plan.kept = {}
+    inner = {sp.within: sp for sp in need if sp.within is not None}
+    todo = [sp for sp in SPACES if sp in need and sp.within is None]
+
+    def one(sp: Space, key) -> None:
+        if sp in inner:
+            _pick_grouped(plan, sp, inner[sp], key, method, sc, gen)
+        else:
+            plan.kept[(sp, key)] = pick(sp.units(p), sp.units(c), method, sc.get((sp, key)), gen)
+
+    for sp in todo:
+        if sp.per == GLOBAL:
+            one(sp, None)
     for layer in layers:
-        if Space.FFN in need:
-            plan.ffn[layer] = pick(p.intermediate_size, c.intermediate_size, method, sc.ffn.get(layer), gen)
-        if Space.Q_HEADS in need:
-            q = sc.q_heads.get(layer)
-            kv = sc.kv_heads.get(layer)
-            group = None
-            if q is not None or kv is not None:
-                group = torch.zeros(p.num_key_value_heads, dtype=torch.float64)
-                if q is not None:
-                    group += q.view(p.num_key_value_heads, r_p).sum(1)
-                if kv is not None:
-                    group += kv
-            groups = pick(p.num_key_value_heads, c.num_key_value_heads, method, group, gen)
-            qs = []
-            for g in groups.tolist():
-                within = pick(r_p, r_c, method, None if q is None else q[g * r_p:(g + 1) * r_p], gen)
-                qs.append(within + g * r_p)
-            plan.q_heads[layer] = torch.cat(qs)
-            plan.kv_heads[layer] = groups
+        for sp in todo:
+            if sp.per == LAYER:
+                one(sp, layer)
+        experts = plan.kept_experts(layer)
+        for e in (experts if experts is not None else range(p.num_experts or 0)):
+            for sp in todo:
+                if sp.per == EXPERT:
+                    one(sp, (layer, e))
     plan.ranked = True
