@@ -22,6 +22,7 @@ of file paths, cache_dir() the root. Usage:
 
   python bench/assets.py [all|smollm2|minilm|dinov2|text ...] [--print-paths]
   python bench/assets.py --write-builtin-text shrinkit/data/english.txt
+  python bench/assets.py --write-builtin-images shrinkit/data/images
 """
 from __future__ import annotations
 
@@ -505,6 +506,65 @@ def write_builtin_text(dest: Path) -> Path:
     return dest
 
 
+# Built-in calibration images (shrinkit/data/images/): crops of the public-domain and CC0
+# photographs that the scikit-image wheel ships in skimage/data/ (licences from its docstrings).
+SKIMAGE_WHEEL = "scikit-image==0.26.0"
+BUILTIN_IMAGES = {  # file in skimage/data/: (split, licence)
+    "astronaut.png": ("calib", "public domain (NASA)"),
+    "chelsea.png": ("calib", "CC0 (Stefan van der Walt)"),
+    "rocket.jpg": ("calib", "public domain (SpaceX)"),
+    "hubble_deep_field.jpg": ("calib", "public domain (NASA)"),
+    "brick.png": ("calib", "CC0 (CC0Textures)"),
+    "grass.png": ("calib", "CC0 (DeviantArt, linolafett)"),
+    "coins.png": ("calib", "no known copyright restrictions (Brooklyn Museum)"),
+    "clock_motion.png": ("calib", "public domain (Stefan van der Walt)"),
+    "coffee.png": ("heldout", "CC0 (Rachel Michetti)"),
+    "gravel.png": ("heldout", "CC0 (CC0Textures)"),
+}
+BUILTIN_CROPS, BUILTIN_SIDE, BUILTIN_QUALITY = 8, 112, 80
+
+
+def write_builtin_images(dest: Path) -> Path:
+    """(Re)create the built-in calibration images: BUILTIN_CROPS square crops of each photograph
+    (the whole image's largest centered square, then random squares of 40-80% of its short side,
+    seeded), BUILTIN_SIDE pixels, JPEG. Files are named <split>-<source>-<n>.jpg; the held-out
+    sources serve verification, the others calibration."""
+    import random
+    import zipfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as t:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", SKIMAGE_WHEEL, "-d", t],
+             f"download the {SKIMAGE_WHEEL} wheel from PyPI")
+        wheel = sorted(Path(t).glob("scikit_image-*.whl"))[0]
+        with zipfile.ZipFile(wheel) as z:
+            raw = {n: z.read(f"skimage/data/{n}") for n in BUILTIN_IMAGES}
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.jpg"):
+        old.unlink()
+    rng = random.Random(0)
+    lines = ["# Built-in calibration images", "",
+             f"Square crops ({BUILTIN_SIDE} px, JPEG) of photographs that the `{SKIMAGE_WHEEL}` wheel ships in "
+             "`skimage/data/`; licences as its `skimage.data` docstrings state. Files `calib-*` serve "
+             "calibration, `heldout-*` (whole photographs held out) verification.", "",
+             "Regenerate with `python bench/assets.py --write-builtin-images shrinkit/data/images`.", "",
+             "| source | split | licence |", "|---|---|---|"]
+    for name, (split, licence) in BUILTIN_IMAGES.items():
+        im = Image.open(io.BytesIO(raw[name])).convert("RGB")
+        w, h = im.size
+        stem = name.rsplit(".", 1)[0]
+        for k in range(BUILTIN_CROPS):
+            side = min(w, h) if k == 0 else int(min(w, h) * rng.uniform(0.4, 0.8))
+            x0 = (w - side) // 2 if k == 0 else rng.randrange(0, w - side + 1)
+            y0 = (h - side) // 2 if k == 0 else rng.randrange(0, h - side + 1)
+            crop = im.crop((x0, y0, x0 + side, y0 + side)).resize((BUILTIN_SIDE, BUILTIN_SIDE), Image.BICUBIC)
+            crop.save(dest / f"{split}-{stem}-{k}.jpg", quality=BUILTIN_QUALITY, optimize=True)
+        lines.append(f"| {name} | {split} | {licence} |")
+    (dest / "SOURCE.md").write_text("\n".join(lines) + "\n")
+    return dest
+
+
 # ----------------------------------------------------------------------------- CLI
 ASSETS = {  # name: (fetch-or-return function, "already cached?" check)
     "smollm2": (smollm2, lambda: _smollm2_problem(_smollm2_dir()) is None),
@@ -529,7 +589,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-paths", action="store_true", help="print a JSON dict of asset paths")
     ap.add_argument("--write-builtin-text", type=Path, metavar="DEST",
                     help="write the built-in calibration text to DEST and exit")
+    ap.add_argument("--write-builtin-images", type=Path, metavar="DIR",
+                    help="write the built-in calibration images into DIR and exit")
     args = ap.parse_args(argv)
+    if args.write_builtin_images:
+        dest = write_builtin_images(args.write_builtin_images)
+        size = sum(f.stat().st_size for f in dest.glob("*.jpg"))
+        _log(f"builtin images: {dest} ({len(list(dest.glob('*.jpg')))} files, {size / 1e3:.0f} KB)")
+        return 0
     if args.write_builtin_text:
         dest = write_builtin_text(args.write_builtin_text)
         _log(f"builtin text: {dest} ({dest.stat().st_size / 1e3:.0f} KB)")
