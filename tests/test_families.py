@@ -24,7 +24,7 @@ def test_readme_family_table_is_generated_from_the_modules():
     block = text[text.index("## Supported families"):]
     rows = [line for line in block.splitlines() if line.startswith("|")]
     n = len(families_table())
-    assert rows[:n] == families_table()
+    assert rows[:n] == families_table(), "README table should be:\n" + "\n".join(families_table())
     assert rows[n:n + 1] == []  # no stale row after the generated ones
 
 

@@ -1,4 +1,9 @@
-"""The supported families. Adding one: a Family table in its own module, listed here."""
+"""The supported families: one module each, listed in FAMILIES.
+
+Adding one: a Family (or a subclass with the methods data cannot express) in its own module
+here, listed below, plus its tests; see README.md in this folder for the rules, spaces, fused
+parts, config keys, block description, rescale and the planted tests a family needs.
+"""
 
 from __future__ import annotations
 
