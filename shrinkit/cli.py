@@ -1,22 +1,16 @@
-"""The shrinkit command line. Thin: parse, call the pipeline, print."""
+"""The shrinkit command line. Thin: parse, call the Python API (shrinkit.api), print."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Optional
 
-# Before torch loads libgomp: idle OpenMP workers spin for 300,000 iterations by default, taking
-# the two cores of a small machine from shrinkit's own writer and sha256 threads (measured on a
-# 4 GB parent with hashing: 6.2-7.5 s by default, 5.1-5.9 s with 10,000). Users may override it.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 import typer
 
-from . import __version__
+from . import __version__  # the package sets GOMP_SPINCOUNT before torch loads (shrinkit.malloc)
 from .errors import ShrinkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -98,8 +92,9 @@ class _Bar(_Plain):
         super().__init__(False)
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
+        from rich.console import Console
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                          TimeRemainingColumn(), transient=False)
+                          TimeRemainingColumn(), transient=False, console=Console(stderr=True))
         self.p.start()
         self.task = None
 
@@ -129,6 +124,8 @@ def _progress(quiet: bool):
 
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="The YAML recipe (see recipes/).")
+ParentArg = typer.Argument(..., help="Hugging Face model folder, a .safetensors file, or a Hub id (org/name).")
+RevisionOpt = typer.Option(None, "--revision", help="Hub parents: branch, tag or commit (default main).")
 ConfigOpt = typer.Option(None, "--config", help="config.json of a single-file parent.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 DeviceOpt = typer.Option("cpu", "--device", help="Where calibration and verification run: cpu, cuda or auto.")
@@ -137,7 +134,7 @@ TokenizerOpt = typer.Option(None, "--tokenizer", help="Tokenizer folder for cali
 
 @app.command()
 def subclone(
-    parent: Path = typer.Argument(..., help="Hugging Face model folder, or a .safetensors file."),
+    parent: str = ParentArg,
     recipe: Path = RecipeOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Child folder (default ./<parent>-<recipe>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty --out."),
@@ -146,30 +143,65 @@ def subclone(
     device: str = DeviceOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the child on held-out text."),
+    revision: Optional[str] = RevisionOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (child, params, bytes, "
+                                  "hashes, verification, gate) and nothing else there."),
+    skip_if_current: bool = typer.Option(False, "--skip-if-current", help="Do nothing when --out already holds "
+                                         "this child (same parent hash, recipe hash and shrinkit version)."),
     debug: bool = DebugOpt,
 ):
     """Write a child checkpoint cut out of PARENT by RECIPE."""
     try:
-        from .pipeline import subclone as run
-        from .recipe import load_recipe
+        from . import api
 
-        r = load_recipe(recipe)
         prog = _progress(quiet)
-        res = run(parent, r, out, force=force, config=config, progress=prog, device=device,
-                  tokenizer=tokenizer, verify=not no_verify)
+        res = api.subclone(parent, recipe, out, force=force, config=config, progress=prog, device=device,
+                           tokenizer=tokenizer, verify=not no_verify, revision=revision,
+                           skip_if_current=skip_if_current, quiet=quiet)
         prog.finish()
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
-    c = res.report["child"]
-    if "verify" in res.report:
-        typer.echo("\n".join(res.report["verify"]["table"]))
-    typer.echo(f"wrote {res.out} ({c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB) "
-               f"in {res.report['seconds']:.2f} s")
+    rep = res.report
+    c = rep["child"]
+    if json_out:
+        import json
+        typer.echo(json.dumps(result_json(res)))
+    elif res.skipped:
+        typer.echo(f"skipped: {res.out} already holds this child (parent hash {rep['parent_hash'][:12]}, recipe hash "
+                   f"{rep['recipe_hash'][:12]}, shrinkit {rep['shrinkit_version']}); "
+                   f"{c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB")
+    else:
+        if "verify" in rep:
+            typer.echo("\n".join(rep["verify"]["table"]))
+        typer.echo(f"wrote {res.out} ({c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB) "
+                   f"in {rep['seconds']:.2f} s")
+
+
+def result_json(res) -> dict:
+    """The one JSON object of `subclone --json`: what a CI job needs without reading the report."""
+    rep = res.report
+    v = rep.get("verify")
+    gate = rep.get("gate", v.get("gate") if isinstance(v, dict) else None)
+    p = rep["parent"]
+    return {
+        "out": str(res.out), "skipped": res.skipped,
+        "params": rep["child"]["params"], "bytes": rep["child"]["bytes"],
+        "dims": rep["child"]["dims"], "dtype": rep["child"]["dtype"],
+        "parent": {"path": p["path"], "repo_id": p.get("repo_id"), "revision": p.get("revision"),
+                   "params": p["params"], "bytes": p["bytes"]},
+        "parent_hash": rep.get("parent_hash"), "recipe_hash": rep.get("recipe_hash"),
+        "shrinkit_version": rep["shrinkit_version"],
+        "budget": rep.get("budget"),
+        "verify": {k: x for k, x in v.items() if k != "table"} if isinstance(v, dict) else None,
+        "gate": gate,
+        "seconds": rep.get("seconds"),
+        "report": str(res.out / "shrinkit_report.json"),
+    }
 
 
 @app.command()
 def verify(
-    parent: Path = typer.Argument(..., help="The parent: Hugging Face model folder, or a .safetensors file."),
+    parent: str = ParentArg,
     child: Path = typer.Argument(..., help="The child folder."),
     data: str = typer.Option("builtin", "--data", help="builtin | random_tokens | PATH (.txt or .jsonl)."),
     samples: int = typer.Option(16, "--samples", min=2),
@@ -178,20 +210,16 @@ def verify(
     config: Optional[Path] = ConfigOpt,
     device: str = DeviceOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
+    revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = DebugOpt,
 ):
     """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child)."""
     try:
-        from .checkpoint.reader import open_checkpoint
-        from .pipeline import resolve_device
-        from .recipe import Verify
-        from .verify import check_child, verify_child
+        from . import api
 
-        check_child(child)
-        spec = Verify(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size)
-        with open_checkpoint(parent, config) as ck:
-            v = verify_child(ck, child, spec, device=resolve_device(device), tokenizer=tokenizer)
+        v = api.verify(parent, child, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                       config=config, device=device, tokenizer=tokenizer, revision=revision)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     if json_out:
@@ -203,18 +231,18 @@ def verify(
 
 @app.command()
 def plan(
-    parent: Path = typer.Argument(..., help="Hugging Face model folder, or a .safetensors file."),
+    parent: str = ParentArg,
     recipe: Path = RecipeOpt,
     config: Optional[Path] = ConfigOpt,
+    revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     debug: bool = DebugOpt,
 ):
     """Dry run: validate the recipe against PARENT and print the child's shape; writes nothing."""
     try:
-        from .inspect import plan_summary
-        from .recipe import load_recipe
+        from . import api
 
-        summary = plan_summary(parent, load_recipe(recipe), config)
+        summary = api.plan(parent, recipe, config=config, revision=revision)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     _print_summary(summary, json_out)
@@ -222,19 +250,30 @@ def plan(
 
 @app.command()
 def inspect(
-    parent: Path = typer.Argument(..., help="Hugging Face model folder, or a .safetensors file."),
+    parent: str = ParentArg,
     config: Optional[Path] = ConfigOpt,
+    revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
     debug: bool = DebugOpt,
 ):
     """Describe a checkpoint: family, dims, params, dtypes, shards, tied embeddings."""
     try:
-        from .inspect import inspect_summary
+        from . import api
 
-        summary = inspect_summary(parent, config)
+        summary = api.inspect(parent, config=config, revision=revision)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     _print_summary(summary, json_out)
+
+
+@app.command()
+def schema():
+    """Print the recipe's JSON Schema (recipes/shrinkit-recipe.schema.json is this)."""
+    import json
+
+    from . import api
+
+    typer.echo(json.dumps(api.schema(), indent=2))
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:

@@ -26,7 +26,7 @@ def inspect_summary(parent, config=None) -> dict:
         }
 
 
-def plan_summary(parent, recipe: Recipe, config=None) -> dict:
+def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None) -> dict:
     from .pipeline import prepare
 
     with open_checkpoint(parent, config) as ck:
@@ -39,7 +39,7 @@ def plan_summary(parent, recipe: Recipe, config=None) -> dict:
         layers_note = plan.layers if (recipe.stage("drop_layers") is None or
                                       recipe.stage("drop_layers").strategy != "importance") else "chosen by calibration"
         return {
-            "parent": {**plan.parent.as_dict(), "bytes": ck.total_bytes},
+            "parent": {**plan.parent.as_dict(), "bytes": ck.total_bytes, **(source or {})},
             "child": {**plan.child.as_dict(), "params": count_params(cts), "bytes": nbytes,
                       "dtype": DTYPE_STR[plan.out_dtype], "shards": len(shards), "kept_layers": layers_note},
             "stages": {n: s.model_dump() for n, s in recipe.parsed},

@@ -40,9 +40,13 @@ TOKENIZER_FILES = (
 
 @dataclass
 class Result:
+    """What a subclone run gives back: the child folder, its report (shrinkit_report.json) and
+    plan; `skipped` when --skip-if-current found the child already current (plan is None then)."""
+
     out: Path
     report: dict
-    plan: Plan
+    plan: Plan | None
+    skipped: bool = False
 
 
 def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -71,6 +75,9 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     pdims = fam.dims(ckpt.config)
     for info in ckpt.tensors.values():  # every tensor must be in the architecture map, before any work
         check_fused(fam, pdims, info, match_rule(fam, info)[0])
+    if recipe.target.budget() is not None:
+        raise RecipeError("parameter budgets (target.params, params_ratio, non_embedding_params) are not supported "
+                          "by this version; give the child's dims")
     drop = recipe.stage("drop_layers")
     child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers),
                            ckpt.config.get("model_type"))
@@ -171,13 +178,13 @@ def check_out(out: Path, parent_root: Path, force: bool) -> None:
 def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike | None = None, *,
              force: bool = False, config: str | os.PathLike | None = None,
              progress: Progress | None = None, device: str = "cpu", tokenizer: str | os.PathLike | None = None,
-             verify: bool = False) -> Result:
+             verify: bool = False, source: dict | None = None) -> Result:
     progress = progress or Progress()
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
     try:
         plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
-        opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify}
+        opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify, "source": source}
         out = Path(out) if out is not None else default_out(parent, recipe)
         check_out(out, ckpt.root, force)
         made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
@@ -273,7 +280,8 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                                 seed=recipe.seed, scratch=tmp)
         verified["seconds"] = round(time.perf_counter() - t0, 3)
     hasher.join()
-    report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start)
+    report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start,
+                          opts.get("source"))
     if verified is not None:
         report["verify"] = verified
     (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -369,8 +377,27 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
     return {"shards": shards, "bytes": writer.total_size}
 
 
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the recipe's canonical JSON (every field, defaults filled in; the name left out)."""
+    d = recipe.as_dict()
+    d.pop("name", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def parent_hash(ckpt: Checkpoint, hashes: dict | None = None) -> str:
+    """sha256 over the parent's shard sha256s (in shard order) and its config.json's bytes."""
+    if hashes is None:
+        hashes = {}
+        _sha256_all(ckpt.shard_paths, hashes)
+    h = hashlib.sha256()
+    for s in ckpt.shards:
+        h.update(f"{s} {hashes.get(Path(s).name) or _sha256_file(ckpt.root / s)}\n".encode())
+    h.update(b"config.json " + hashlib.sha256(ckpt.config_path.read_bytes()).hexdigest().encode())
+    return h.hexdigest()
+
+
 def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, hashes: dict, cts: list,
-                 seconds: float) -> dict:
+                 seconds: float, source: dict | None = None) -> dict:
     fam = plan.family
     tied = fam.tied(ckpt.config)
 
@@ -380,10 +407,13 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
         "shrinkit_version": __version__,
         "family": fam.name,
         "architecture": (ckpt.config.get("architectures") or [None])[0],
-        "base_model": base_model_name(ckpt),
+        "base_model": source["repo_id"] if source else base_model_name(ckpt),
         "recipe": recipe.as_dict(),
+        "recipe_hash": recipe_hash(recipe),
+        "parent_hash": parent_hash(ckpt, hashes),
         "parent": {
             "path": str(ckpt.weights_path),
+            **({"repo_id": source["repo_id"], "revision": source["revision"]} if source else {}),
             "dims": plan.parent.as_dict(),
             "params": parent_params(fam, ckpt),
             "bytes": ckpt.total_bytes,

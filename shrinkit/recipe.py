@@ -18,7 +18,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Count = Union[PositiveInt, str]
+BUDGETS = ("params", "params_ratio", "non_embedding_params")
+
+
 class Target(Strict):
+    """The child's shape: explicit dims, a parameter budget, or a budget with some dims fixed."""
+
     hidden_size: Optional[PositiveInt] = None
     intermediate_size: Optional[PositiveInt] = None
     num_attention_heads: Optional[PositiveInt] = None
@@ -28,6 +34,32 @@ class Target(Strict):
     num_experts: Optional[PositiveInt] = None
     num_experts_per_tok: Optional[PositiveInt] = None
     expert_intermediate_size: Optional[PositiveInt] = None
+    params: Optional[Count] = Field(None, description="total parameter budget: 40M, 1.3B or an integer")
+    params_ratio: Optional[float] = Field(None, gt=0, le=1, description="budget as a fraction of the parent's parameters")
+    non_embedding_params: Optional[Count] = Field(
+        None, description="budget for the parameters outside the tensors with a vocabulary axis (embeddings, head)")
+    multiple_of: Optional[PositiveInt] = Field(
+        None, description="with a budget: solved hidden and intermediate sizes are multiples of this (default 64)")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        for k in ("params", "non_embedding_params"):
+            if getattr(self, k) is not None:
+                parse_count(getattr(self, k), k)
+        if self.multiple_of is not None and not given:
+            raise ValueError("multiple_of applies only with a budget (params, params_ratio or non_embedding_params)")
+        return self
+
+    def budget(self) -> tuple[str, float] | None:
+        """(kind, value) of the budget, or None for an explicit shape."""
+        for k in BUDGETS:
+            v = getattr(self, k)
+            if v is not None:
+                return k, (v if k == "params_ratio" else parse_count(v, k))
+        return None
 
 
 class Calibration(Strict):
@@ -159,6 +191,21 @@ def parse_size(s: str | int) -> int:
     return n
 
 
+def parse_count(s: str | int, what: str = "params") -> int:
+    """A parameter count: an integer, or a number with K, M, B (or G) or T, e.g. 40M, 1.3B."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        if s <= 0:
+            raise ValueError(f"{what} must be positive")
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMBGT]?)\s*", str(s).replace("_", ""), re.I)
+    if not m:
+        raise ValueError(f"{what} {s!r} is not a count like 40M, 1.3B or 40000000")
+    n = int(round(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}[m.group(2).upper()]))
+    if n <= 0:
+        raise ValueError(f"{what} must be positive")
+    return n
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
@@ -180,14 +227,39 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"recipe {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        data = {}
+    return recipe_from_dict({} if data is None else data, name=p.stem, source=f"recipe {p}")
+
+
+def recipe_from_dict(data, name: str | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a mapping (the parsed YAML); RecipeError if it is wrong."""
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {p} must be a YAML mapping with target, stages and output")
+        raise RecipeError(f"{source} must be a mapping with target, stages and output")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"recipe {p}: {_first_error(e)}") from None
+        raise RecipeError(f"{source}: {_first_error(e)}") from None
     if r.name is None:
-        r.name = p.stem
+        r.name = name
     return r
+
+
+
+def recipe_schema() -> dict:
+    """The recipe's JSON Schema, generated from these models (`shrinkit schema` prints it;
+    recipes/shrinkit-recipe.schema.json is this, kept in sync by a test)."""
+    from pydantic import create_model
+
+    items = [create_model(f"{''.join(w.title() for w in n.split('_'))}Stage", __config__=ConfigDict(extra="forbid"),
+                          **{n: (m, ...)}) for n, m in STAGES.items()]
+
+    class RecipeSchema(Recipe):
+        stages: list[Union[tuple(items)]] = Field(  # type: ignore[valid-type]
+            default_factory=lambda: [], description="the pipeline, in order; each item one stage: "
+            "rank_neurons, drop_layers, slice_embeddings (required), rescale_norms")
+
+    s = RecipeSchema.model_json_schema()
+    s["properties"].pop("parsed", None)
+    s["properties"]["stages"].pop("default", None)
+    s["title"] = "shrinkit recipe"
+    s["description"] = "A shrinkit recipe: the child's shape (target) and the pipeline (stages) that cuts it out of the parent."
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **s}
