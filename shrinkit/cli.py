@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 import traceback
@@ -11,7 +13,7 @@ from typing import Optional
 import typer
 
 from . import __version__  # the package sets GOMP_SPINCOUNT before torch loads (shrinkit.malloc)
-from .errors import ShrinkitError
+from .errors import ShrinkitError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cut a smaller, ready-to-train student out of a pretrained transformer checkpoint.")
@@ -39,6 +41,9 @@ def _fail(e: BaseException, debug: bool) -> None:
     if isinstance(e, ShrinkitError):
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code)
+    if isinstance(e, Terminated):
+        typer.echo("terminated (SIGTERM); nothing was written", err=True)
+        raise typer.Exit(143)
     if isinstance(e, KeyboardInterrupt):
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(130)
@@ -50,6 +55,25 @@ def _fail(e: BaseException, debug: bool) -> None:
         raise typer.Exit(1)
     typer.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
     raise typer.Exit(1)
+
+
+def _on_term(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one is enough: let the cleanup finish
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm():
+    """SIGTERM ends a command as SIGINT does: the exception unwinds, temp files are removed."""
+    try:
+        prev = signal.signal(signal.SIGTERM, _on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 class _Plain:
@@ -152,13 +176,14 @@ def subclone(
 ):
     """Write a child checkpoint cut out of PARENT by RECIPE."""
     try:
-        from . import api
+        with _sigterm():
+            from . import api
 
-        prog = _progress(quiet)
-        res = api.subclone(parent, recipe, out, force=force, config=config, progress=prog, device=device,
-                           tokenizer=tokenizer, verify=not no_verify, revision=revision,
-                           skip_if_current=skip_if_current, quiet=quiet)
-        prog.finish()
+            prog = _progress(quiet)
+            res = api.subclone(parent, recipe, out, force=force, config=config, progress=prog, device=device,
+                               tokenizer=tokenizer, verify=not no_verify, revision=revision,
+                               skip_if_current=skip_if_current, quiet=quiet)
+            prog.finish()
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     rep = res.report

@@ -1,7 +1,7 @@
 """Error types. Each carries the process exit code the CLI returns for it.
 
 2: the command line or the recipe is wrong; 3: the parent checkpoint is bad or unsupported;
-1: anything else (I/O failure, internal error).
+1: anything else (I/O failure, internal error); 130: interrupted (SIGINT); 143: terminated (SIGTERM).
 """
 
 
@@ -25,3 +25,7 @@ class ParentError(ShrinkitError):
 
 class OutputError(ShrinkitError):
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run cleans up as it does for SIGINT."""

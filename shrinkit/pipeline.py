@@ -22,6 +22,7 @@ from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
 from .families import family_for
 from .families.spaces import GLOBAL, LAYER
+from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
 from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_fused, count_params, match_rule, parent_params, resolve_target
 from .progress import Progress
@@ -164,15 +165,26 @@ def default_out(parent: str | os.PathLike, recipe: Recipe) -> Path:
     return Path.cwd() / f"{stem}-{recipe.name or 'child'}"
 
 
-def check_out(out: Path, parent_root: Path, force: bool) -> None:
-    ro, rp = os.path.realpath(out), os.path.realpath(parent_root)
-    if ro == rp or os.path.commonpath([ro, rp]) == ro:
-        raise UsageError(f"--out {out} would replace the parent folder; choose another --out")
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is a file; choose another --out")
-        if any(out.iterdir()) and not force:
-            raise UsageError(f"--out {out} exists and is not empty; pass --force to replace it, or choose another --out")
+def run_inputs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = False) -> tuple[list, list]:
+    """What this run reads, as (folders, files) with a label each: the output may not be, contain
+    or lie inside an input folder, nor be or contain an input file."""
+    folders: list = []
+    files: list = [("config", ckpt.config_path)]
+    if ckpt.weights_path.is_dir():
+        folders.append(("parent folder", ckpt.root))
+        for s in ckpt.shard_paths:
+            folders.append(("folder of the parent's shard", os.path.dirname(os.path.realpath(s))))
+    for s in ckpt.shard_paths:
+        files.append(("parent shard", s))
+    if tokenizer:
+        folders.append(("--tokenizer folder", tokenizer))
+    specs = [getattr(recipe.stage(n), "calibration", None) for n in ("rank_neurons", "drop_layers")]
+    if verify:
+        specs.append(recipe.verify)
+    for spec in specs:
+        if spec is not None and spec.data not in ("builtin", "random_tokens"):
+            files.append(("calibration data", spec.data))
+    return folders, files
 
 
 def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike | None = None, *,
@@ -185,44 +197,16 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     try:
         plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
         opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify, "source": source}
-        out = Path(out) if out is not None else default_out(parent, recipe)
-        check_out(out, ckpt.root, force)
-        made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.shrinkit-tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
-            report = _run(ckpt, plan, recipe, tmp, progress, t_start, opts)
-            _publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for d in made:  # folders this run created for --out, innermost first
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
-            raise
+        out = resolve_out(out if out is not None else default_out(parent, recipe))
+        check_inputs(out, *run_inputs(ckpt, recipe, tokenizer, verify))
+        check_out(out, force)
+        with Claim(out, force, progress.log) as claim:
+            report = _run(ckpt, plan, recipe, claim.tmp, progress, t_start, opts)
+            claim.publish()
     finally:
         ckpt.close()
         progress.close()
     return Result(out, report, plan)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.shrinkit-old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, t_start: float,

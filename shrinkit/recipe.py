@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
 
@@ -136,6 +137,14 @@ class Recipe(Strict):
     name: Optional[str] = None
 
     parsed: list[tuple[str, Stage]] = Field(default_factory=list, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and (not v.strip() or len(v) > 200 or v in (".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError("must be a plain name of at most 200 characters without '/', '\\' or '..' "
+                             "(the default output folder is ./<parent>-<name>)")
+        return v
 
     @model_validator(mode="after")
     def _stages(self):

@@ -92,7 +92,7 @@ def assert_failed(result, code: int, out: Path | None, *needles: str):
     assert rc == code, (rc, stdout, stderr)
     assert "Traceback" not in stderr and "Traceback" not in stdout, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    errs = [ln for ln in lines if ln.startswith(("error:", "interrupted"))]
+    errs = [ln for ln in lines if ln.startswith(("error:", "interrupted", "terminated"))]
     assert len(errs) == 1 and lines[-1] == errs[0], stderr
     for n in needles:
         assert n.lower() in errs[0].lower(), (n, errs[0])
@@ -392,13 +392,15 @@ def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, mo
     assert calls[0] == 5
     if code != 130:
         assert msg.startswith("error: ")
-    # the same with --force over an existing child: it stays as it was
+    # the same with --force over an earlier child: it stays as it was
     out.mkdir()
-    (out / "old.txt").write_text("old child")
+    (out / "config.json").write_text("{}")
+    (out / "shrinkit_report.json").write_text('{"shrinkit_version": "0.1.0", "child": {}}')
     calls[0] = 0
     rc, _, err = cli("subclone", parents["single"], "-r", good_recipe, "-o", out, "-q", "--force")
     assert rc == code, err
-    assert sorted(x.name for x in out.iterdir()) == ["old.txt"]
+    assert sorted(x.name for x in out.iterdir()) == ["config.json", "shrinkit_report.json"]
+    assert (out / "config.json").read_text() == "{}"
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out.")], list(tmp_path.iterdir())
 
 
@@ -529,11 +531,20 @@ def test_out_exists_without_force_is_untouched(tmp_path, parents, good_recipe):
     assert (out / "precious.txt").read_text() == "keep me"
     assert not list(tmp_path.glob(".out.shrinkit-*"))
 
+    # --force replaces only an earlier shrinkit child: a folder of other files stays as it is
     rc, stdout, err = cli("subclone", parents["single"], "-r", good_recipe, "-o", out, "-q", "--force")
+    assert rc == 2 and "not an earlier shrinkit child" in err and "precious.txt" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".out.shrinkit-*"))
+
+    child = tmp_path / "child"
+    assert cli("subclone", parents["single"], "-r", good_recipe, "-o", child, "-q")[0] == 0
+    rc, _, err = cli("subclone", parents["single"], "-r", good_recipe, "-o", child, "-q")
+    assert rc == 2 and "--force" in err
+    rc, stdout, err = cli("subclone", parents["single"], "-r", good_recipe, "-o", child, "-q", "--force")
     assert rc == 0, err
-    assert not (out / "precious.txt").exists()
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    assert not list(tmp_path.glob(".out.shrinkit-*")), list(tmp_path.iterdir())
+    assert (child / "model.safetensors").is_file() and (child / "config.json").is_file()
+    assert not list(tmp_path.glob(".child.shrinkit-*")), list(tmp_path.iterdir())
 
 
 def test_out_empty_folder_is_used(tmp_path, parents, good_recipe):
@@ -564,12 +575,14 @@ def test_out_is_the_parent_or_above_it(tmp_path, copy_parent, good_recipe):
     assert sorted(x.name for x in p.iterdir()) == files
 
 
-def test_out_under_a_file_is_an_os_error(tmp_path, parents, good_recipe):
+def test_out_under_a_file(tmp_path, parents, good_recipe):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    out = blocker / "child"
-    assert_failed(cli("subclone", parents["single"], "-r", good_recipe, "-o", out, "-q"), 1, None)
+    for out in (blocker / "child", blocker / ".." / "child2"):
+        assert_failed(cli("subclone", parents["single"], "-r", good_recipe, "-o", out, "-q"), 2, None,
+                      "is a file, not a folder")
     assert blocker.read_text() == "x"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["blocker", "good.yaml"]
 
 
 # ---------------------------------------------------------------------------- plan, inspect, version
