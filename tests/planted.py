@@ -173,3 +173,112 @@ def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True, dtype=to
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---------------------------------------------------------------- BERT-style encoders
+def _encoder_classes(kind: str):
+    import transformers as T
+
+    return {"bert": (T.BertConfig, T.BertForMaskedLM, T.BertModel),
+            "roberta": (T.RobertaConfig, T.RobertaForMaskedLM, T.RobertaModel),
+            "xlm-roberta": (T.XLMRobertaConfig, T.XLMRobertaForMaskedLM, T.XLMRobertaModel),
+            "distilbert": (T.DistilBertConfig, T.DistilBertForMaskedLM, T.DistilBertModel)}[kind]
+
+
+def encoder_config(kind: str, **over):
+    hidden, ffn, heads, layers = over.pop("hidden", 64), over.pop("ffn", 128), over.pop("heads", 4), over.pop("layers", 4)
+    cfg_cls = _encoder_classes(kind)[0]
+    if kind == "distilbert":
+        return cfg_cls(vocab_size=96, dim=hidden, hidden_dim=ffn, n_heads=heads, n_layers=layers,
+                       max_position_embeddings=64, **over)
+    return cfg_cls(vocab_size=96, hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                   num_hidden_layers=layers, max_position_embeddings=66, layer_norm_eps=1e-12, **over)
+
+
+def _encoder_parts(kind: str, core):
+    """(embedding LayerNorm, embedding tables, per layer {q, k, v, o, ln1, up, down, ln2}), by the
+    module names of transformers' own classes."""
+    emb = core.embeddings
+    tables = [m for m in (emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None))
+              if m is not None]
+    layers = []
+    if kind == "distilbert":
+        for L in core.transformer.layer:
+            a = L.attention
+            layers.append(dict(q=a.q_lin, k=a.k_lin, v=a.v_lin, o=a.out_lin, ln1=L.sa_layer_norm, up=L.ffn.lin1,
+                               down=L.ffn.lin2, ln2=L.output_layer_norm))
+    else:
+        for L in core.encoder.layer:
+            a = L.attention
+            layers.append(dict(q=a.self.query, k=a.self.key, v=a.self.value, o=a.output.dense, ln1=a.output.LayerNorm,
+                               up=L.intermediate.dense, down=L.output.dense, ln2=L.output.LayerNorm))
+    return emb.LayerNorm, tables, layers
+
+
+def encoder(tmp: Path, kind: str, *, mlm=True, dead_ffn=32, dead_layers=(1,), dead_heads=0, dead_hidden=0, seed=0,
+            dtype=torch.float32, **over) -> Planted:
+    """A BERT / RoBERTa / XLM-RoBERTa / DistilBERT parent with planted dead parts: FFN neurons,
+    whole layers (post-LayerNorm: identity when the attention and FFN outputs are zero and the
+    LayerNorms around them are the plain (1, 0) normalization), heads (q, k, v rows and output
+    columns zero) and hidden dims (every weight reading or writing them zero). Dead layers and
+    dead hidden dims exclude each other (the identity needs the full normalization)."""
+    _, mlm_cls, base_cls = _encoder_classes(kind)
+    cfg = encoder_config(kind, **over)
+    torch.manual_seed(seed)
+    model = mlm_cls(cfg) if mlm else base_cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    core = getattr(model, model.base_model_prefix) if mlm else model
+    emb_ln, tables, layers = _encoder_parts(kind, core)
+    H = emb_ln.weight.shape[0]
+    F = layers[0]["up"].weight.shape[0]
+    nh = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
+    hd = H // nh
+    pl = Planted(tmp, dead_layers=list(dead_layers))
+    assert not (dead_layers and dead_hidden)
+    D = pl.dead_hidden = _choose(gen, H, dead_hidden) if dead_hidden else []
+    with torch.no_grad():
+        if D:
+            for t in tables:
+                t.weight[:, D] = 0
+            emb_ln.weight[D] = 0
+            emb_ln.bias[D] = 0
+            for mod in model.modules():  # the pooler and the MLM head's transform read and write hidden
+                if isinstance(mod, torch.nn.Linear) and mod.weight.shape == (H, H) and \
+                        not any(mod is L[x] for L in layers for x in ("q", "k", "v", "o")):
+                    mod.weight[D, :] = 0
+                    mod.weight[:, D] = 0
+                    mod.bias[D] = 0
+                if isinstance(mod, torch.nn.LayerNorm) and mod is not emb_ln:
+                    mod.weight[D] = 0
+                    mod.bias[D] = 0
+        for li, L in enumerate(layers):
+            if D:
+                for x in ("q", "k", "v", "up"):
+                    L[x].weight[:, D] = 0
+                for x in ("o", "down"):
+                    L[x].weight[D, :] = 0
+                    L[x].bias[D] = 0
+            if dead_ffn:
+                fs = pl.dead_ffn[li] = _choose(gen, F, dead_ffn)
+                L["up"].weight[fs] = 0
+                L["up"].bias[fs] = 0
+                L["down"].weight[:, fs] = 0
+            if dead_heads:
+                hs = pl.dead_q[li] = _choose(gen, nh, dead_heads)
+                for h in hs:
+                    rows = slice(h * hd, (h + 1) * hd)
+                    for x in ("q", "k", "v"):
+                        L[x].weight[rows] = 0
+                        L[x].bias[rows] = 0
+                    L["o"].weight[:, rows] = 0
+            if li in pl.dead_layers:
+                for ln in (layers[li - 1]["ln2"] if li else emb_ln, L["ln1"], L["ln2"]):
+                    ln.weight.fill_(1.0)
+                    ln.bias.zero_()
+                for x in ("o", "down"):
+                    L[x].weight.zero_()
+                    L[x].bias.zero_()
+    model.to(dtype).save_pretrained(tmp)
+    pl.config = model.config.to_dict()
+    return pl

@@ -12,8 +12,9 @@ from .base import Dims, Family
 from .bert import bert
 from .gpt2 import gpt2
 from .llama import llama
+from .roberta import roberta
 
-FAMILIES: tuple[Family, ...] = (llama, gpt2, bert)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta)
 
 
 def family_for(config: dict) -> Family:
