@@ -21,7 +21,7 @@ from shrinkit.recipe import Verify
 from shrinkit.verify import verify_child
 from test_planted import alive, check_kept
 
-KINDS = ["roberta"]
+KINDS = ["roberta", "xlm-roberta"]
 CALIB = {"data": "random_tokens", "samples": 8, "seq_len": 32, "batch_size": 4}
 BASE = {"distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "roberta"}
 

@@ -1,13 +1,14 @@
-"""RoBERTa (RobertaModel, RobertaForMaskedLM): BERT's embeddings and blocks under `roberta.`,
-positions offset past the padding index (computed by the embeddings block), and an `lm_head`
-(dense, layer_norm, decoder tied to the word embeddings)."""
+"""RoBERTa and XLM-RoBERTa (RobertaModel, RobertaForMaskedLM and their XLM twins, the same
+modules): BERT's embeddings and blocks under `roberta.`, positions offset past the padding
+index (computed by the embeddings block), and an `lm_head` (dense, layer_norm, decoder tied to
+the word embeddings)."""
 
 from .bert import EMBEDDINGS_AND_BLOCKS, ENCODER_BLOCK, ENCODER_KEYS, POOLER, Encoder
 from .spaces import Space as S, rule
 
 roberta = Encoder(
     name="roberta",
-    model_types=("roberta",),
+    model_types=("roberta", "xlm-roberta"),
     rules=EMBEDDINGS_AND_BLOCKS + POOLER + (
         rule("lm_head.dense.weight", (S.HIDDEN, S.HIDDEN)),
         rule("lm_head.dense.bias", (S.HIDDEN,)),
@@ -22,5 +23,5 @@ roberta = Encoder(
     tie_default=True,
     head_dim_from_hidden=True,
     block=ENCODER_BLOCK,
-    notes="RobertaModel, RobertaForMaskedLM; BERT's blocks, lm_head tied to the word embeddings",
+    notes="RobertaModel, RobertaForMaskedLM, XLMRobertaModel, XLMRobertaForMaskedLM; BERT's blocks, lm_head tied to the word embeddings",
 )
