@@ -21,7 +21,7 @@ from shrinkit.recipe import Verify
 from shrinkit.verify import verify_child
 from test_planted import alive, check_kept
 
-KINDS = ["roberta", "xlm-roberta"]
+KINDS = ["roberta", "xlm-roberta", "distilbert"]
 CALIB = {"data": "random_tokens", "samples": 8, "seq_len": 32, "batch_size": 4}
 BASE = {"distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "roberta"}
 
@@ -94,7 +94,8 @@ def test_encoder_real_cut_loads_calibrates_and_verifies(tmp_path, kind, mlm):
     res = run(parent, tmp_path / "child", target=target, stages=st)
     m = load(tmp_path / "child", "AutoModelForMaskedLM" if mlm else "AutoModel")
     c = m.config
-    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) == (32, 64, 2, 2)
+    ffn = c.hidden_dim if kind == "distilbert" else c.intermediate_size
+    assert (c.hidden_size, ffn, c.num_attention_heads, c.num_hidden_layers) == (32, 64, 2, 2)
     assert res.report["family"] == BASE[kind] or res.report["family"] == kind
     with torch.no_grad():
         out = m(input_ids=tokens(96))

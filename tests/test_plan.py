@@ -22,6 +22,10 @@ PARENTS = {
                   num_hidden_layers=4, vocab_size=96),
     "gpt2": dict(n_embd=64, n_head=8, n_layer=4, vocab_size=96),
     "bert": dict(hidden_size=64, num_attention_heads=8, intermediate_size=96, num_hidden_layers=4, vocab_size=96),
+    "roberta": dict(hidden_size=64, num_attention_heads=8, intermediate_size=96, num_hidden_layers=4, vocab_size=96),
+    "xlm-roberta": dict(hidden_size=64, num_attention_heads=8, intermediate_size=96, num_hidden_layers=4,
+                        vocab_size=96),
+    "distilbert": dict(dim=64, n_heads=8, hidden_dim=96, n_layers=4, vocab_size=96),
 }
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
+from .distilbert import distilbert
 from .gpt2 import gpt2
 from .llama import llama
 from .roberta import roberta
 
-FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert)
 
 
 def family_for(config: dict) -> Family:
