@@ -203,7 +203,7 @@ class BlockModel:
         cfg = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **{
             k: v for k, v in cfg_dict.items() if k not in ("torch_dtype", "dtype", "quantization_config")})
         with init_empty_weights(include_buffers=False):
-            self.model = getattr(transformers, self.ad.auto).from_config(cfg, attn_implementation="sdpa",
+            self.model = getattr(transformers, self.ad.auto).from_config(cfg, attn_implementation=self.ad.attn,
                                                                         dtype=torch.float32)
         self.model.eval()
         self.config = cfg

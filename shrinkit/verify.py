@@ -39,7 +39,7 @@ def _pairwise(e: torch.Tensor) -> torch.Tensor:
     return (e @ e.T)[iu[0], iu[1]]
 
 
-def _load_child(child: Path, auto: str, device, random_init: bool, seed: int):
+def _load_child(child: Path, auto: str, device, random_init: bool, seed: int, attn: str = "sdpa"):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -48,9 +48,9 @@ def _load_child(child: Path, auto: str, device, random_init: bool, seed: int):
     if random_init:
         cfg = transformers.AutoConfig.from_pretrained(str(child))
         torch.manual_seed(seed)
-        m = cls.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+        m = cls.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
     else:
-        m = cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation="sdpa")
+        m = cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation=attn)
     return m.to(device).eval()
 
 
@@ -73,8 +73,8 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     if note:
         out["note"] = note
     child = Path(child)
-    models = {"child": _load_child(child, bm.ad.auto, dev, False, seed),
-              "random_init": _load_child(child, bm.ad.auto, dev, True, seed)}
+    models = {"child": _load_child(child, bm.ad.auto, dev, False, seed, bm.ad.attn),
+              "random_init": _load_child(child, bm.ad.auto, dev, True, seed, bm.ad.attn)}
     with torch.no_grad():
         if bm.ad.causal:
             out["kind"] = "causal_lm"
@@ -86,7 +86,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
             step = bm.micro(spec.batch_size, ids.shape[1], vocab)  # logits are the widest
             for s in range(0, len(ids), step):
                 x = ids[s:s + step].to(dev)
-                lp = F.log_softmax(head(norm(h[s:s + step].to(dev))).float(), -1)
+                lp = F.log_softmax(fam.logits(bm, h[s:s + step].to(dev)).float(), -1)
                 logps = {"parent": lp}
                 for k, m in models.items():
                     logps[k] = F.log_softmax(m(input_ids=x).logits.float(), -1)

@@ -52,6 +52,7 @@ class Block:
     final_norm: str | None = None   # relative to base
     head: str | None = None         # output head, relative to the model
     causal: bool = True
+    attn: str = "sdpa"        # transformers attention implementation the blocks run with
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,15 @@ class Family:
             return t
         return t.float() * factor
 
+    def adjust(self, plan, rule: Rule, t):
+        """A cut tensor's child values (t: a block of rows, as cut). Default: rescale_norms'
+        rule with plan.norm_factor (None: no rescale_norms stage, or a factor of 1). A family
+        whose forward depends on the dims themselves (an embedding multiplied by sqrt(hidden))
+        compensates here, from plan.parent and plan.child."""
+        if plan.norm_factor is None:
+            return t
+        return self.rescale(rule, t, plan.norm_factor)
+
     # Calibration and verification run the parent's blocks in transformers' modules (see
     # shrinkit.calibrate.BlockModel, passed as bm: bm.model, bm.base, bm.device). These three
     # methods are what differs between families in that forward pass.
@@ -165,6 +175,12 @@ class Family:
         """One block's output for input x [B, T, H] (full attention, no padding)."""
         y = layer(x, attention_mask=None)
         return y[0] if isinstance(y, tuple) else y
+
+    def logits(self, bm, h):
+        """Output logits from the last block's output h (verification); the final norm and
+        head are loaded by the caller."""
+        norm = bm.final_norm()
+        return bm.head()(norm(h) if norm is not None else h)
 
     def observers(self, bm, i: int, layer, record) -> list:
         """Extra forward hooks on block i for statistics the observe map cannot express (router

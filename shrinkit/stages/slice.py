@@ -25,8 +25,7 @@ def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) 
             t = t.index_select(0, ix.tensor)
         else:  # advanced indexing gathers inner axes ~3x faster than index_select on CPU
             t = t[(slice(None),) * ax + (ix.tensor,)]
-    if plan.norm_factor is not None:
-        t = plan.family.rescale(ct.rule, t, plan.norm_factor)
+    t = plan.family.adjust(plan, ct.rule, t)
     if t.dtype != ct.dtype:
         t = t.to(ct.dtype)
     return t.contiguous()
