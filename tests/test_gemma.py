@@ -191,3 +191,19 @@ def test_gemma_real_config_cut_loads_calibrates_verifies(tmp_path, model_type):
     r = CliRunner().invoke(app, ["plan", str(tmp_path / "parent"), "-r", str(rec), "--json"])
     assert r.exit_code == 0, r.output
     assert '"hidden_size": 48' in r.stdout
+
+
+@pytest.mark.parametrize("model_type,pattern", [("gemma2", 2), ("gemma3_text", 6)])
+def test_layer_types_from_the_pattern_follow_the_kept_layers(model_type, pattern):
+    """An older config with only the sliding-window pattern: the child gets the explicit types of
+    the layers it keeps (its own pattern would count from the renumbered layers)."""
+    from shrinkit.families import FAMILIES
+
+    fam = next(f for f in FAMILIES if f.name == model_type)
+    cfg = {**TINY, "model_type": model_type, "num_hidden_layers": 8}
+    child = fam.dims(cfg)
+    out = fam.child_config(cfg, child, [0, 2, 5, 7], "float32")
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(8)]
+    assert out["layer_types"] == [types[i] for i in (0, 2, 5, 7)]
+    cfg["layer_types"] = list(reversed(types))
+    assert fam.child_config(cfg, child, [0, 7], "float32")["layer_types"] == [types[7], types[0]]

@@ -38,6 +38,24 @@ class Gemma(Family):
             return t if g == 1.0 else self.rescale(rule, t, g)
         return t if f is None else self.rescale(rule, t, f)
 
+    def child_config(self, cfg, child, kept_layers, dtype_name):
+        """Layer types cut with the layers; a parent config without the list (older Gemma 2/3
+        configs give only the sliding-window pattern) gets the explicit list of the kept layers,
+        since the child's own pattern would count from its renumbered layers."""
+        out = super().child_config(cfg, child, kept_layers, dtype_name)
+        pattern = self.extra.get("sliding_pattern")
+        if pattern and not isinstance(cfg.get("layer_types"), list):
+            pattern = int(cfg.get("sliding_window_pattern") or pattern)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                     for i in range(self.dims(cfg).num_hidden_layers)]
+            out["layer_types"] = [types[i] for i in kept_layers]
+        return out
+
+    def logits(self, bm, h):
+        z = super().logits(bm, h)
+        cap = getattr(bm.model.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
     def embed(self, bm, ids):
         emb = bm.model.get_input_embeddings()
         x = emb(ids)
@@ -105,4 +123,28 @@ gemma = Gemma(
     block=BLOCK,
     notes="(1 + w) RMSNorm, embeddings x sqrt(hidden) (compensated in the embedding and final norm), "
           "explicit head_dim, GQA",
+)
+
+
+SANDWICH = (
+    layer_rule(L, "input_layernorm.weight", (S.HIDDEN,), norm=True),
+    layer_rule(L, "post_attention_layernorm.weight", (S.HIDDEN,), norm=True),     # on the attention output
+    layer_rule(L, "pre_feedforward_layernorm.weight", (S.HIDDEN,), norm=True),
+    layer_rule(L, "post_feedforward_layernorm.weight", (S.HIDDEN,), norm=True),   # on the FFN output
+)
+
+gemma2 = Gemma(
+    name="gemma2",
+    model_types=("gemma2",),
+    rules=ATTN + SANDWICH + ENDS,
+    keys=KEYS,
+    norm="rms",
+    tie_default=True,
+    write_head_dim=True,
+    block=Block("AutoModelForCausalLM", "model", "layers",
+                observe={S.Q_HEADS: "self_attn.o_proj", S.FFN: "mlp.down_proj"},
+                final_norm="norm", head="lm_head", causal=True, attn="eager"),  # soft-capping: no sdpa
+    notes="Gemma's rules plus sandwich norms (pre/post attention and feedforward), attention and final "
+          "logit soft-capping, sliding/global `layer_types` cut with the layers",
+    extra={"sliding_pattern": 2},
 )
