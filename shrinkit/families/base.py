@@ -149,6 +149,11 @@ class Family:
             return t
         return t.float() * factor
 
+    def magnitude(self, rule: Rule, t):
+        """The weights whose |w| magnitude ranking scores, for a parent tensor as stored.
+        Default: the tensor itself; a norm whose scale is 1 + w returns 1 + w."""
+        return t
+
     def adjust(self, plan, rule: Rule, t):
         """A cut tensor's child values (t: a block of rows, as cut). Default: rescale_norms'
         rule with plan.norm_factor (None: no rescale_norms stage, or a factor of 1). A family

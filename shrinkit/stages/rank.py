@@ -110,7 +110,7 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
         if not wanted and not whole:
             continue
         ckpt.prefetch(info.name)
-        t = ckpt.get(info.name)
+        t = fam.magnitude(rule, ckpt.get(info.name))
         sums = _axis_sums(t, sorted({ax for ax, _ in wanted})) if wanted else {}
         if whole:
             rows = sums[0] if 0 in sums else _axis_sums(t, [0])[0]
