@@ -70,11 +70,15 @@ def gemma_like(tmp, model_type="gemma2", *, tie=True, dead_hidden=16, dead_ffn=3
     base = model.model
     with torch.no_grad():
         base.embed_tokens.weight[:, D] = 0
+        base.norm.weight[D] = -1.0
         if not tie:
             model.lm_head.weight[:, D] = 0
         for li, layer in enumerate(base.layers):
             a, m = layer.self_attn, layer.mlp
             a.o_proj.weight[D, :] = 0       # the only writers of the residual stream
+            for name, p in layer.named_parameters():   # (1 + w) norms over hidden: scale 0 on dead dims
+                if name.endswith("layernorm.weight"):
+                    p[D] = -1.0
             m.down_proj.weight[D, :] = 0
             fs = _choose(gen, F, dead_ffn)
             pl.dead_ffn[li] = fs
@@ -145,6 +149,9 @@ def test_gemma_negative_controls(tmp_path, model_type, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(Gemma, "adjust", Family.adjust)             # norms only, no embedding compensation
         assert err("no_embed_scale") > 1e-2
+    with monkeypatch.context() as mp:
+        mp.setattr(Gemma, "magnitude", Family.magnitude)       # |w| of a (1 + w) norm: dead dims look alive
+        assert err("abs_w") > 1e-2
     assert err("exact") < 1e-4  # the same run without the patches is exact
 
 

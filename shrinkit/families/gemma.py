@@ -28,6 +28,10 @@ class Gemma(Family):
             return t
         return (1.0 + t.float()) * factor - 1.0
 
+    def magnitude(self, rule, t):
+        """A (1 + w) norm's scale is 1 + w: a dim with w = -1 is dead, one with w = 0 is not."""
+        return 1.0 + t.float() if rule.norm else t
+
     def adjust(self, plan, rule, t):
         e = math.sqrt(plan.parent.hidden_size / plan.child.hidden_size)   # embedding normalizer ratio
         f = plan.norm_factor                                              # rescale_norms (None: off)
