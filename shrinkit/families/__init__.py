@@ -11,12 +11,12 @@ from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
 from .distilbert import distilbert
-from .gemma import gemma, gemma2
+from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .llama import llama
 from .roberta import roberta
 
-FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text)
 
 
 def family_for(config: dict) -> Family:

@@ -130,6 +130,12 @@ gemma = Gemma(
 )
 
 
+class Gemma3(Gemma):
+    def rope(self, bm, x, pos, kind):
+        # one rotary table per layer type (local base for sliding layers, global base for full ones)
+        return bm.base.rotary_emb(x, pos, kind)
+
+
 SANDWICH = (
     layer_rule(L, "input_layernorm.weight", (S.HIDDEN,), norm=True),
     layer_rule(L, "post_attention_layernorm.weight", (S.HIDDEN,), norm=True),     # on the attention output
@@ -151,4 +157,20 @@ gemma2 = Gemma(
     notes="Gemma's rules plus sandwich norms (pre/post attention and feedforward), attention and final "
           "logit soft-capping, sliding/global `layer_types` cut with the layers",
     extra={"sliding_pattern": 2},
+)
+
+gemma3_text = Gemma3(
+    name="gemma3_text",
+    model_types=("gemma3_text",),
+    rules=ATTN + (
+        layer_rule(L, "self_attn.q_norm.weight", (None,)),   # (1 + w) over head_dim, shared by heads: never cut
+        layer_rule(L, "self_attn.k_norm.weight", (None,)),
+    ) + SANDWICH + ENDS,
+    keys=KEYS,
+    norm="rms",
+    tie_default=True,
+    write_head_dim=True,
+    block=BLOCK,
+    notes="Gemma 2's rules plus q/k norms, local and global rotary bases per layer type (Gemma3ForCausalLM)",
+    extra={"sliding_pattern": 6},
 )
