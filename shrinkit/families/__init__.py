@@ -14,9 +14,10 @@ from .distilbert import distilbert
 from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .llama import llama
+from .phi3 import phi3
 from .roberta import roberta
 
-FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3)
 
 
 def family_for(config: dict) -> Family:
