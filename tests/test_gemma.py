@@ -106,12 +106,24 @@ def gemma_like(tmp, model_type="gemma2", *, tie=True, dead_hidden=16, dead_ffn=3
 MODEL_TYPES = ["gemma", "gemma2", "gemma3_text"]
 
 
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    """Planted parents shared by this module's tests (built once per model type and tying)."""
+    made = {}
+
+    def get(model_type, tie=True):
+        if (model_type, tie) not in made:
+            made[model_type, tie] = gemma_like(tmp_path_factory.mktemp(f"{model_type}-{tie}"), model_type, tie=tie)
+        return made[model_type, tie]
+    return get
+
+
 @pytest.mark.parametrize("model_type,tie,method", [
     ("gemma", True, "magnitude"), ("gemma", False, "activation"),
     ("gemma2", True, "magnitude"), ("gemma2", True, "activation"),
     ("gemma3_text", True, "activation"), ("gemma3_text", False, "magnitude")])
-def test_gemma_planted_exact(tmp_path, model_type, tie, method):
-    pl = gemma_like(tmp_path / "parent", model_type, tie=tie)
+def test_gemma_planted_exact(tmp_path, parent, model_type, tie, method):
+    pl = parent(model_type, tie)
     st = stages() if method == "magnitude" else act_stages()
     res = run(pl.path, tmp_path / "child", target=TARGET, stages=st)
     check_kept(res.report, pl, n_hidden=64, n_ffn=96, nq=4, nkv=2)
@@ -126,13 +138,14 @@ def test_gemma_planted_exact(tmp_path, model_type, tie, method):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_gemma_negative_controls(tmp_path, model_type, monkeypatch):
+def test_gemma_negative_controls(tmp_path, parent, model_type, monkeypatch):
     """Each compensation is needed: without rescale_norms, with Llama's w * f norm rule, without
-    the embedding's sqrt(H/h), with `first` ranking or a live layer dropped, the child differs."""
+    the embedding's sqrt(H/h), scoring a norm by |w|, with `first` ranking or a live layer
+    dropped, the child differs (all of them on gemma2, the richest; two on the others)."""
     from shrinkit.families.gemma import Gemma
     from shrinkit.families.base import Family
 
-    pl = gemma_like(tmp_path / "parent", model_type)
+    pl = parent(model_type)
     ids = tokens(96)
     ref = logits(pl.path, ids)
 
@@ -140,29 +153,29 @@ def test_gemma_negative_controls(tmp_path, model_type, monkeypatch):
         run(pl.path, tmp_path / name, target=TARGET, stages=stages(**kw))
         return rel_err(logits(tmp_path / name, ids), ref)
 
-    assert err("norescale", rescale=False) > 1e-2
     assert err("first", method="first") > 1e-2
-    assert err("wronglayer", drop=(1,)) > 1e-2
-    with monkeypatch.context() as mp:
-        mp.setattr(Gemma, "rescale", Family.rescale)           # w * f instead of (1 + w) * f - 1
-        assert err("llama_rule") > 1e-2
+    if model_type == "gemma2":
+        assert err("norescale", rescale=False) > 1e-2
+        assert err("wronglayer", drop=(1,)) > 1e-2
+        with monkeypatch.context() as mp:
+            mp.setattr(Gemma, "rescale", Family.rescale)       # w * f instead of (1 + w) * f - 1
+            assert err("llama_rule") > 1e-2
+        with monkeypatch.context() as mp:
+            mp.setattr(Gemma, "magnitude", Family.magnitude)   # |w| of a (1 + w) norm: dead dims look alive
+            assert err("abs_w") > 1e-2
     with monkeypatch.context() as mp:
         mp.setattr(Gemma, "adjust", Family.adjust)             # norms only, no embedding compensation
         assert err("no_embed_scale") > 1e-2
-    with monkeypatch.context() as mp:
-        mp.setattr(Gemma, "magnitude", Family.magnitude)       # |w| of a (1 + w) norm: dead dims look alive
-        assert err("abs_w") > 1e-2
-    assert err("exact") < 1e-4  # the same run without the patches is exact
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_gemma_verify_of_exact_child(tmp_path, model_type):
+def test_gemma_verify_of_exact_child(tmp_path, parent, model_type):
     """The block-at-a-time parent (embedding scale, masks, rotary per layer type, final soft-capping)
     computes what transformers' whole model computes: an exact child verifies with KL 0."""
     from shrinkit.recipe import Verify
     from shrinkit.verify import verify_child
 
-    pl = gemma_like(tmp_path / "parent", model_type)
+    pl = parent(model_type)
     run(pl.path, tmp_path / "child", target=TARGET, stages=stages())
     v = verify_child(pl.path, tmp_path / "child", Verify(data="random_tokens", samples=4, seq_len=24, batch_size=2))
     assert abs(v["child"]["kl"]) < 1e-6, v["child"]
