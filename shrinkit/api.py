@@ -146,12 +146,21 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     from .checkpoint.reader import open_checkpoint
     from .pipeline import resolve_device
     from .recipe import Verify
+    from pydantic import ValidationError
+
+    from .errors import UsageError
+    from .pair import check_pair
+    from .validate import field_error
     from .verify import check_child, verify_child
 
     check_child(Path(child))
-    spec = Verify(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    try:
+        spec = Verify(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    except ValidationError as e:
+        raise UsageError(f"verify: {field_error(e)}") from None
     src = _resolve(parent, revision, True, None)
     with open_checkpoint(src.path, config) as ck:
+        check_pair(ck, child)   # same family, vocabulary and tokenizer; child within the parent; safetensors only
         return verify_child(ck, Path(child), spec, device=resolve_device(device), tokenizer=tokenizer)
 
 

@@ -16,9 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from .checkpoint.reader import Checkpoint
 from .errors import ParentError, RecipeError, UsageError
+from .validate import Row, field_error, loads
 from .families import FAMILIES, Family
 from .families.spaces import HEAD, Space
 from .plan import Plan
@@ -41,17 +43,23 @@ def _text(data: str) -> str:
     if not p.is_file():
         raise RecipeError(f"calibration data {data!r} is neither builtin, random_tokens nor an existing .txt/.jsonl file")
     if p.suffix == ".jsonl":
-        parts = []
-        n = 0
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+        # at most MAX_TEXT_CHARS characters of text, read in bounded binary chunks (one huge line
+        # never lands in memory whole); every row checked by schema (validate.Row)
+        parts, n = [], 0
+        with open(p, "rb") as f:
+            for i, line in enumerate(iter(lambda: f.readline(4 * MAX_TEXT_CHARS + 1), b"")):
+                if len(line) > 4 * MAX_TEXT_CHARS:
+                    raise RecipeError(f"{p}:{i + 1}: the line is longer than {4 * MAX_TEXT_CHARS} bytes; "
+                                      "split the text into rows")
                 if not line.strip():
                     continue
                 try:
-                    t = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise RecipeError(f"{p}:{i + 1}: each .jsonl line must be an object with a \"text\" field") from None
-                parts.append(str(t))
+                    t = Row.model_validate(loads(line.decode("utf-8"))).text
+                except (ValueError, UnicodeDecodeError, ValidationError) as e:
+                    why = field_error(e) if isinstance(e, ValidationError) else "not a JSON object"
+                    raise RecipeError(f"{p}:{i + 1}: {why}; each .jsonl line must be an object with a "
+                                      "\"text\" string") from None
+                parts.append(t)
                 n += len(t)
                 if n > MAX_TEXT_CHARS:
                     break

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from .checkpoint.reader import open_checkpoint
-from .families import family_for
-from .plan import DTYPE_STR, count_params, parent_params
+from .plan import DTYPE_STR, check_parent, count_params, parent_params
 from .recipe import Recipe, parse_size
 from .checkpoint.writer import Entry, layout
 
 
 def inspect_summary(parent, config=None) -> dict:
     with open_checkpoint(parent, config) as ck:
-        fam = family_for(ck.config)
-        d = fam.dims(ck.config)
+        fam, d = check_parent(ck)
         tied = fam.tied(ck.config)
         params = parent_params(fam, ck)
         return {
@@ -27,10 +25,11 @@ def inspect_summary(parent, config=None) -> dict:
 
 
 def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None) -> dict:
-    from .pipeline import prepare
+    from .pipeline import check_data, prepare
 
     with open_checkpoint(parent, config) as ck:
         plan = prepare(ck, recipe)
+        check_data(ck, recipe, verify=True)   # the calibration files subclone would read (verification on)
         from .stages.rank import select
         select(plan, "first", None, plan.layers, recipe.seed)  # shapes only; ranking does not change them
         cts = plan.child_tensors(ck)

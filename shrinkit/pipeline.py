@@ -15,22 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from . import __version__
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
-from .families import family_for
 from .families.spaces import GLOBAL, LAYER
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
-from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_fused, count_params, match_rule, parent_params, resolve_target
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, parent_params, resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
 from .stages.layers import count_from_lists, keep_layers
 from .stages.rank import magnitude_scores, select, spaces_to_rank
 from .stages.slice import slice_blocks
+from .validate import MAX_CACHE, HashCache, loads, read_capped
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -72,10 +73,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     directly; with `transformers_check`, the child config also goes through transformers' own
     validation (importing transformers costs ~1-2 s, so a data-free run without verification
     skips it; tests/test_plan.py checks that both agree)."""
-    fam = family_for(ckpt.config)
-    pdims = fam.dims(ckpt.config)
-    for info in ckpt.tensors.values():  # every tensor must be in the architecture map, before any work
-        check_fused(fam, pdims, info, match_rule(fam, info)[0])
+    fam, pdims = check_parent(ckpt)  # config by schema, every tensor's shape against it, before any work
     if recipe.target.budget() is not None:
         raise RecipeError("parameter budgets (target.params, params_ratio, non_embedding_params) are not supported "
                           "by this version; give the child's dims")
@@ -100,6 +98,28 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if transformers_check:
         check_config(plan.child_config(ckpt.config))
     return plan
+
+
+def data_specs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = False) -> list:
+    """The calibration specs this run will read text with (ranking by activation, importance
+    layer dropping, verification)."""
+    rank, drop = recipe.stage("rank_neurons"), recipe.stage("drop_layers")
+    specs = []
+    if rank is not None and (rank.method or default_method(ckpt, tokenizer)) == "activation":
+        specs.append(rank.calibration)
+    if drop is not None and drop.strategy == "importance":
+        specs.append(drop.calibration)
+    if verify:
+        specs.append(recipe.verify)
+    return specs
+
+
+def check_data(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = False) -> None:
+    """Before any work: every calibration file the run will read exists (RecipeError, exit 2)."""
+    for spec in data_specs(ckpt, recipe, tokenizer, verify):
+        if spec.data not in ("builtin", "random_tokens") and not os.path.isfile(spec.data):
+            raise RecipeError(f"calibration data {spec.data!r} is neither builtin, random_tokens nor an existing "
+                              ".txt/.jsonl file")
 
 
 def _sha256_file(p: Path) -> str:
@@ -134,9 +154,9 @@ def _sha256_all(paths: list[Path], out: dict) -> None:
     cache_file = _hash_cache_path()
     cache: dict = {}
     if cache_file is not None:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
+        try:  # a cache that is unreadable, too large or malformed is ignored (and rewritten)
+            cache = TypeAdapter(HashCache).validate_python(loads(read_capped(cache_file, MAX_CACHE)))
+        except (OSError, ValueError, ValidationError):
             cache = {}
     keys = {p: _file_key(p) for p in paths}
     todo = [p for p in paths if not isinstance(cache.get(keys[p]), str)]
@@ -196,6 +216,7 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     ckpt = open_checkpoint(parent, config)
     try:
         plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
+        check_data(ckpt, recipe, tokenizer, verify)
         opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify, "source": source}
         out = resolve_out(out if out is not None else default_out(parent, recipe))
         check_inputs(out, *run_inputs(ckpt, recipe, tokenizer, verify))
@@ -212,7 +233,15 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
 def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, t_start: float,
          opts: dict) -> dict:
     hashes: dict[str, str] = {}
-    hasher = threading.Thread(target=_sha256_all, args=(ckpt.shard_paths, hashes), daemon=True)
+    hash_error: list[BaseException] = []
+
+    def hash_all():
+        try:
+            _sha256_all(ckpt.shard_paths, hashes)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            hash_error.append(e)
+
+    hasher = threading.Thread(target=hash_all, daemon=True)
     hasher.start()
     stages = []
     n_parent = plan.parent.num_hidden_layers
@@ -264,6 +293,8 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                                 seed=recipe.seed, scratch=tmp)
         verified["seconds"] = round(time.perf_counter() - t0, 3)
     hasher.join()
+    if hash_error:
+        raise hash_error[0]
     report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start,
                           opts.get("source"))
     if verified is not None:

@@ -181,6 +181,51 @@ def check_fused(fam: Family, dims: Dims, info: TensorInfo, rule: Rule) -> None:
                               f"fused parts {parts}; the checkpoint does not match its config")
 
 
+def check_tensors(fam: Family, dims: Dims, ckpt: Checkpoint) -> None:
+    """Before any work: every tensor is in the family's map, its shape is what the config's dims
+    make it (Family.expected_shape, every rule's axes), weights are floating point, and the layer
+    count of the config is the layer count of the tensors."""
+    where = ckpt.config_path.name
+    layers: set[int] = set()
+    for info in ckpt.tensors.values():
+        rule, m = match_rule(fam, info)
+        if rule.drop:
+            continue
+        check_fused(fam, dims, info, rule)
+        for ax, (want, n) in enumerate(zip(fam.expected_shape(rule, dims), info.shape)):
+            if want is not None and want != n:
+                sp = rule.axes[ax]
+                raise ParentError(f"tensor {info.name!r} axis {ax} ({sp}) has length {n}, but {where} makes it {want}; "
+                                  "the checkpoint does not match its config")
+        if rule.spaces() and not info.dtype.is_floating_point:
+            raise ParentError(f"tensor {info.name!r} is stored as {info.dtype}, but it is a weight; the checkpoint is "
+                              "corrupt or not a " + fam.name + " model")
+        if rule.per_layer:
+            layers.add(int(m.group("layer")))
+        if rule.per_expert and dims.num_experts is not None and int(m.group("expert")) >= dims.num_experts:
+            raise ParentError(f"tensor {info.name!r} names expert {m.group('expert')}, but {where} has "
+                              f"{dims.num_experts} experts")
+    n = dims.num_hidden_layers
+    key = fam.keys.get("num_hidden_layers")
+    if layers and max(layers) >= n:
+        raise ParentError(f"the checkpoint holds layer {max(layers)}, but {where} field {key} says {n} layers; "
+                          "the checkpoint does not match its config")
+    if len(layers) != n:
+        raise ParentError(f"{where} field {key} says {n} layers, but the checkpoint holds tensors of {len(layers)}; "
+                          "the checkpoint does not match its config")
+
+
+def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
+    """The parent's family and dims, with its config checked by schema and against its tensors."""
+    from .families import family_for
+
+    fam = family_for(ckpt.config)
+    fam.check_config(ckpt.config, str(ckpt.config_path))
+    dims = fam.dims(ckpt.config)
+    check_tensors(fam, dims, ckpt)
+    return fam, dims
+
+
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
                    model_type: str | None = None) -> Dims:
     """The child's shape from the recipe's target, or a RecipeError if it is impossible."""

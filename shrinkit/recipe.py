@@ -11,6 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, StrictInt, Vali
                       model_validator)
 
 from .errors import RecipeError
+from .validate import MAX_DEPTH, MAX_RECIPE, TooDeep, TooLarge, depth, read_capped
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -40,7 +41,7 @@ class Target(Strict):
     non_embedding_params: Optional[Count] = Field(
         None, description="budget for the parameters outside the tensors with a vocabulary axis (embeddings, head)")
     multiple_of: Optional[PositiveInt] = Field(
-        None, description="with a budget: solved hidden and intermediate sizes are multiples of this (default 64)")
+        None, le=1 << 20, description="with a budget: solved hidden and intermediate sizes are multiples of this (default 64)")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -63,16 +64,26 @@ class Target(Strict):
         return None
 
 
+MAX_SAMPLES, MAX_SEQ_LEN, MAX_BATCH = 1 << 16, 1 << 17, 1 << 12
+
+
 class Calibration(Strict):
-    data: str = "builtin"            # builtin | random_tokens | PATH (.txt or .jsonl with "text")
-    samples: PositiveInt = 64
-    seq_len: PositiveInt = 256
-    batch_size: PositiveInt = 8       # sequences per forward call at most (fewer for wide blocks)
+    data: str = Field("builtin", min_length=1, max_length=4096)  # builtin | random_tokens | PATH (.txt or .jsonl with "text")
+    samples: PositiveInt = Field(64, le=MAX_SAMPLES)
+    seq_len: PositiveInt = Field(256, le=MAX_SEQ_LEN)
+    batch_size: PositiveInt = Field(8, le=MAX_BATCH)  # sequences per forward call at most (fewer for wide blocks)
+
+    @field_validator("data")
+    @classmethod
+    def _no_nul(cls, v):
+        if "\0" in v:
+            raise ValueError("must not contain a NUL character")
+        return v
 
 
 class Verify(Calibration):
-    samples: PositiveInt = 16
-    batch_size: PositiveInt = 4
+    samples: PositiveInt = Field(16, le=MAX_SAMPLES)
+    batch_size: PositiveInt = Field(4, le=MAX_BATCH)
 
 
 class RankNeurons(Strict):
@@ -82,8 +93,8 @@ class RankNeurons(Strict):
 
 class DropLayers(Strict):
     strategy: Optional[Literal["middle", "first", "last", "importance"]] = None
-    drop: Optional[list[int]] = None
-    keep: Optional[list[int]] = None
+    drop: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
+    keep: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
     calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")
@@ -105,7 +116,8 @@ class SliceEmbeddings(Strict):
 
 
 class RescaleNorms(Strict):
-    factor: Optional[float] = None
+    factor: Optional[float] = Field(None, gt=0, le=100, allow_inf_nan=False,
+                                    description="norm scale factor; default sqrt(parent hidden / child hidden)")
 
 
 STAGES = {
@@ -133,7 +145,7 @@ class Recipe(Strict):
         {"rank_neurons": {}}, {"drop_layers": {}}, {"slice_embeddings": {}}, {"rescale_norms": {}}])
     output: Output = Field(default_factory=Output)
     verify: Verify = Field(default_factory=Verify)
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0, lt=1 << 63)
     name: Optional[str] = None
 
     parsed: list[tuple[str, Stage]] = Field(default_factory=list, exclude=True)
@@ -189,11 +201,13 @@ def parse_size(s: str | int) -> int:
         return s
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(s), re.I)
     if not m:
-        raise ValueError(f"max_shard_size {s!r} is not a size like 2GB or 500MB")
+        raise ValueError(f"max_shard_size {str(s)[:40]!r} is not a size like 2GB or 500MB")
     num = float(m.group(1))
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    if not num * mult < 2**62:
+        raise ValueError(f"max_shard_size {str(s)[:24]}... is too large")
     n = int(num * mult)
     if n <= 0:
         raise ValueError("max_shard_size must be positive")
@@ -209,7 +223,10 @@ def parse_count(s: str | int, what: str = "params") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMBGT]?)\s*", str(s).replace("_", ""), re.I)
     if not m:
         raise ValueError(f"{what} {s!r} is not a count like 40M, 1.3B or 40000000")
-    n = int(round(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}[m.group(2).upper()]))
+    x = float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}[m.group(2).upper()]
+    if not x < 2**62:
+        raise ValueError(f"{what} {str(s)[:24]}... is too large")
+    n = int(round(x))
     if n <= 0:
         raise ValueError(f"{what} must be positive")
     return n
@@ -225,17 +242,24 @@ def _first_error(e: ValidationError) -> str:
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_dir():
+            raise RecipeError(f"recipe {p} is a folder; pass --recipe PATH to a YAML recipe (see recipes/)")
+        text = read_capped(p, MAX_RECIPE)
     except FileNotFoundError:
         raise RecipeError(f"recipe {p} not found; pass --recipe PATH to a YAML recipe (see recipes/)") from None
+    except TooLarge as e:
+        raise RecipeError(f"recipe {p} is {e}; a recipe is a short YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"recipe {p} cannot be read ({e})") from None
+        raise RecipeError(f"recipe {p} cannot be read ({getattr(e, 'strerror', None) or e})") from None
     try:
         data = yaml.safe_load(text)
+        depth(data)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"recipe {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except (RecursionError, TooDeep):
+        raise RecipeError(f"recipe {p} is nested more than {MAX_DEPTH} levels deep; a recipe is a short YAML file") from None
     return recipe_from_dict({} if data is None else data, name=p.stem, source=f"recipe {p}")
 
 
@@ -243,6 +267,10 @@ def recipe_from_dict(data, name: str | None = None, source: str = "recipe") -> R
     """Validate a recipe given as a mapping (the parsed YAML); RecipeError if it is wrong."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source} must be a mapping with target, stages and output")
+    try:
+        depth(data)
+    except TooDeep:
+        raise RecipeError(f"{source} is nested more than {MAX_DEPTH} levels deep") from None
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:

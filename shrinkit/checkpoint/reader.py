@@ -8,7 +8,6 @@ unpickled: .bin / .pt checkpoints are refused.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -20,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from pydantic import ValidationError
+
 from ..errors import ParentError, UsageError
+from ..validate import MAX_CONFIG, MAX_INDEX, HeaderEntry, Index, TooLarge, field_error, loads, read_capped
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,36 +68,46 @@ def read_header(path: Path, display: str) -> tuple[dict[str, dict], dict, int]:
     except OSError as e:
         raise ParentError(f"{display}: cannot read ({e.strerror}); check the path and permissions") from e
     try:
-        header = json.loads(raw)
+        header = loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise ParentError(f"{display}: corrupt safetensors header (invalid JSON: {e}); re-download the shard") from e
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ParentError(f"{display}: corrupt safetensors header: field __metadata__ must map names to strings; "
+                          "re-download the shard")
     data_start = 8 + n
     data_len = size - data_start
     spans = []
+    entries: dict[str, dict] = {}
     for name, ent in header.items():
         try:
-            dtype = DTYPES[ent["dtype"]]
-            shape = tuple(int(s) for s in ent["shape"])
-            b, e = (int(x) for x in ent["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ParentError(f"{display}: corrupt header entry for tensor {name!r} ({exc!r}); re-download the shard") from exc
+            ent = HeaderEntry.model_validate(ent)
+        except ValidationError as exc:
+            raise ParentError(f"{display}: corrupt header entry for tensor {name!r}: {field_error(exc)}; "
+                              "re-download the shard") from None
+        if ent.dtype not in DTYPES:
+            raise ParentError(f"{display}: tensor {name!r} has unknown dtype {ent.dtype!r}; shrinkit reads "
+                              f"{', '.join(DTYPES)}")
+        dtype = DTYPES[ent.dtype]
+        shape = tuple(ent.shape)
+        b, e = ent.data_offsets
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if any(s < 0 for s in shape) or e - b != math.prod(shape) * itemsize or b < 0:
+        if e - b != math.prod(shape) * itemsize:
             raise ParentError(f"{display}: tensor {name!r} has inconsistent shape {list(shape)} and byte range [{b}, {e}); the shard is corrupt")
         if e > data_len:
             raise ParentError(
                 f"{display}: truncated: tensor {name!r} needs bytes up to {data_start + e} but the file has {size}; re-download the shard")
         spans.append((b, e))
+        entries[name] = {"dtype": ent.dtype, "shape": list(shape), "data_offsets": [b, e]}
     spans.sort()
     pos = 0
     for b, e in spans:
         if b != pos:
             raise ParentError(f"{display}: corrupt safetensors data layout (gap or overlap at byte {data_start + b}); re-download the shard")
         pos = e
-    return header, meta, data_start
+    return entries, meta, data_start
 
 
 _POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else 0)
@@ -205,13 +217,17 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     return p
 
 
-def _load_json(path: Path, what: str) -> dict:
+def _load_json(path: Path, what: str, cap: int = MAX_CONFIG) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads(read_capped(path, cap))
     except FileNotFoundError as e:
         raise ParentError(f"{what} not found: {path}") from e
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ParentError(f"{what} {path} is not valid JSON ({e}); fix or re-download it") from e
+    except OSError as e:
+        raise ParentError(f"{what} {path} cannot be read ({e.strerror}); check the path and permissions") from e
+    except TooLarge as e:
+        raise ParentError(f"{what} {path} is {e}; is it the right file?") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ParentError(f"{what} {path} is not valid JSON ({e}); fix or re-download it") from None
     if not isinstance(data, dict):
         raise ParentError(f"{what} {path} is not a JSON object")
     return data
@@ -244,10 +260,13 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
         single = root / "model.safetensors"
         weights_path = root
         if index.is_file():
-            idx = _load_json(index, "shard index")
-            weight_map = idx.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
+            idx = _load_json(index, "shard index", MAX_INDEX)
+            if not isinstance(idx.get("weight_map"), dict) or not idx["weight_map"]:
                 raise ParentError(f"{index} has no weight_map; fix or re-download the index")
+            try:
+                weight_map = Index.model_validate(idx).weight_map
+            except ValidationError as e:
+                raise ParentError(f"{index}: {field_error(e)}; fix or re-download the index") from None
             shards = sorted(set(weight_map.values()))
             for s in shards:
                 _inside(root, s, "model.safetensors.index.json")

@@ -25,9 +25,10 @@ def family_for(config: dict) -> Family:
     for fam in FAMILIES:
         if mt in fam.model_types:
             return fam
-    arch = (config.get("architectures") or ["?"])[0]
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else "?"
     known = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise ParentError(f"unsupported architecture: model_type {mt!r} ({arch}); shrinkit supports {known}")
+    raise ParentError(f"unsupported architecture: model_type {repr(mt)[:80]} ({str(arch)[:80]}); shrinkit supports {known}")
 
 
 def families_table() -> list[str]:

@@ -6,8 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
+from pydantic import ValidationError
+
 from ..errors import ParentError
-from .spaces import SPACES, Rule, Space
+from ..validate import ConfigCommon, field_error
+from .spaces import SPACES, Fused, Rule, Space
+
+MAX_SIZE = 1 << 40   # no config size is larger (the tensors' shapes must agree anyway)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,59 @@ class Family:
         key = self.keys.get(canon)
         return cfg.get(key) if key else None
 
+    def check_config(self, cfg: dict, where: str = "config.json") -> None:
+        """The config keys this family reads, by schema: the common keys typed (validate.ConfigCommon),
+        every shape key a positive integer, the head counts consistent. One line naming the file and
+        the field (ParentError, exit 3)."""
+        try:
+            ConfigCommon.model_validate(cfg)
+        except ValidationError as e:
+            raise ParentError(f"{where}: {field_error(e)}; fix the parent's config") from None
+        need = ", ".join(k for k in self.keys.values() if k)
+
+        def num(key: str | None, required: bool):
+            if not key:
+                return None
+            v = cfg.get(key)
+            if v is None:
+                if required:
+                    raise ParentError(f"{where}: field {key} is missing; a {self.name} config needs {need}")
+                return None
+            if type(v) is not int or not 0 < v <= MAX_SIZE:
+                raise ParentError(f"{where}: field {key} must be a positive integer, not {v!r}")
+            return v
+
+        hidden, heads = num(self.keys.get("hidden_size"), True), num(self.keys.get("num_attention_heads"), True)
+        num(self.keys.get("num_hidden_layers"), True)
+        num(self.keys.get("vocab_size"), True)
+        num(self.keys.get("intermediate_size"), not self.ffn_default_factor)
+        kv = num(self.keys.get("num_key_value_heads"), False)
+        for canon in OPTIONAL:
+            num(self.keys.get(canon), False)
+        hd = None if self.head_dim_from_hidden else num("head_dim", False)
+        if kv is not None and (kv > heads or heads % kv):
+            raise ParentError(f"{where}: field {self.keys['num_key_value_heads']} is {kv}, which does not divide "
+                              f"{self.keys['num_attention_heads']} {heads}; fix the parent's config")
+        if hd is None and hidden % heads:
+            raise ParentError(f"{where}: field {self.keys['hidden_size']} {hidden} is not divisible by "
+                              f"{self.keys['num_attention_heads']} {heads}; fix the parent's config")
+
+    def expected_shape(self, rule: Rule, dims: Dims) -> tuple[int | None, ...]:
+        """The length of each axis of a tensor under `rule`, as the config's dims say it must be
+        (None: the rule does not tie the axis to a space). A fused axis is the sum of its parts."""
+        out = []
+        for a in rule.axes:
+            if a is None:
+                out.append(None)
+            elif isinstance(a, Fused):
+                sizes = a.part_sizes(dims)
+                out.append(None if None in sizes else sum(sizes))
+            else:
+                out.append(a.elems(dims))
+        return tuple(out)
+
     def dims(self, cfg: dict) -> Dims:
+        self.check_config(cfg)
         try:
             hidden = int(self._get(cfg, "hidden_size"))
             heads = int(self._get(cfg, "num_attention_heads"))
@@ -123,7 +180,8 @@ class Family:
         return out
 
     def tied(self, cfg: dict) -> bool:
-        return bool(cfg.get("tie_word_embeddings", self.tie_default))
+        v = cfg.get("tie_word_embeddings")
+        return self.tie_default if v is None else bool(v)
 
     # ---------------------------------------------------------------- tensor rules
     def match(self, name: str) -> tuple[Rule, re.Match] | None:
