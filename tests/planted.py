@@ -282,3 +282,37 @@ def encoder(tmp: Path, kind: str, *, mlm=True, dead_ffn=32, dead_layers=(1,), de
     model.to(dtype).save_pretrained(tmp)
     pl.config = model.config.to_dict()
     return pl
+
+
+# ---------------------------------------------------------------- cases for bench/families.py
+@dataclass
+class BenchCase:
+    """One family's row in BENCHMARKS.md (bench/families.py): a planted parent and the target
+    and drop list under which its child must reproduce the parent exactly, and a tiny real
+    parent (random weights from the family's config class) with a width-and-depth target."""
+
+    planted: object                   # callable(path) -> Planted
+    target: dict
+    drop: list
+    output_class: str                 # transformers Auto class whose outputs are compared
+    real: object                      # callable(path) -> path
+    real_target: dict
+
+
+def _real_encoder(kind):
+    def make(path):
+        _, mlm_cls, _ = _encoder_classes(kind)
+        torch.manual_seed(0)
+        m = mlm_cls(encoder_config(kind))
+        _randomize(m, torch.Generator().manual_seed(0))
+        m.save_pretrained(path)
+        return path
+    return make
+
+
+ENCODER_WIDTH_DEPTH = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+BENCH_CASES: dict[str, BenchCase] = {
+    kind: BenchCase(lambda p, kind=kind: encoder(p, kind), dict(intermediate_size=96, num_hidden_layers=3), [1],
+                    "AutoModelForMaskedLM", _real_encoder(kind), ENCODER_WIDTH_DEPTH)
+    for kind in ("roberta", "xlm-roberta", "distilbert")
+}

@@ -41,8 +41,7 @@ def outputs(path, ids, mlm=True):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["magnitude", "activation"])
-@pytest.mark.parametrize("mlm", [True, False])
+@pytest.mark.parametrize("method,mlm", [("magnitude", True), ("activation", False), ("activation", True)])
 def test_encoder_planted_ffn_and_layers_exact(tmp_path, kind, method, mlm):
     pl = planted.encoder(tmp_path / "parent", kind, mlm=mlm)
     target = dict(intermediate_size=96, num_hidden_layers=3)
@@ -52,7 +51,7 @@ def test_encoder_planted_ffn_and_layers_exact(tmp_path, kind, method, mlm):
     ref = outputs(pl.path, ids, mlm)
     assert rel_err(outputs(tmp_path / "child", ids, mlm), ref) < 1e-4
     # negative controls: a live layer dropped, or neurons chosen without looking at the weights
-    run(pl.path, tmp_path / "wrong-layer", target=target, stages=stages(method, drop=(2,)))
+    run(pl.path, tmp_path / "wrong-layer", target=target, stages=stages("magnitude", drop=(2,)))
     assert rel_err(outputs(tmp_path / "wrong-layer", ids, mlm), ref) > 1e-2
     run(pl.path, tmp_path / "first", target=target, stages=stages("first"))
     assert rel_err(outputs(tmp_path / "first", ids, mlm), ref) > 1e-2
@@ -83,8 +82,7 @@ def real_parent(path, kind, mlm=True, seed=0):
     return path
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mlm", [True, False])
+@pytest.mark.parametrize("kind,mlm", [(k, True) for k in KINDS] + [(KINDS[0], False), (KINDS[-1], False)])
 def test_encoder_real_cut_loads_calibrates_and_verifies(tmp_path, kind, mlm):
     parent = real_parent(tmp_path / "parent", kind, mlm)
     target = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)

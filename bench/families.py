@@ -1,0 +1,122 @@
+"""Per-family benchmark rows for BENCHMARKS.md: planted-test error, subclone time, peak memory.
+
+For each family case registered in tests/planted.py (BENCH_CASES; a new family adds its case
+there), this
+  1. builds the planted parent and cuts it with `magnitude` and `activation` ranking under the
+     case's target, reporting the larger relative error of the child's outputs against the
+     parent's (float32; the planted tests require < 1e-4);
+  2. builds the tiny real parent and runs `shrinkit subclone --no-verify` on it as a separate
+     process per ranking method, `--repeat` times, reporting the median wall time (Python
+     start-up included) and the peak RSS of that process (GNU time's maximum resident set; on
+     configs this small it is mostly the interpreter, torch and, for activation ranking,
+     transformers).
+
+Usage (take the lock so timings are not shared with other benchmarks; record the load):
+  flock /work/bench.lock .venv/bin/python bench/families.py roberta distilbert [--repeat 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+CALIB = {"data": "random_tokens", "samples": 16, "seq_len": 64, "batch_size": 8}
+
+
+def stages(method: str, drop: dict | None) -> list:
+    """rank_neurons by `method`, then drop_layers `drop` (e.g. {"drop": [1]}) if given."""
+    rank = {"method": method}
+    if method == "activation":
+        rank["calibration"] = CALIB
+    return [{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
+
+
+def planted_error(case, tmp: Path) -> float:
+    import torch
+
+    import planted
+    from helpers import logits, run, tokens
+
+    pl = case.planted(tmp / "planted")
+    ids = tokens(96)
+    ref = logits(pl.path, ids, case.output_class)
+    worst = 0.0
+    for method in ("magnitude", "activation"):
+        run(pl.path, tmp / f"planted-{method}", target=case.target, stages=stages(method, {"drop": list(case.drop)} if case.drop else None))
+        worst = max(worst, planted.rel_err(logits(tmp / f"planted-{method}", ids, case.output_class), ref))
+    return worst
+
+
+def timed(cmd: list[str], tmp: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one process. The peak comes from GNU time, which
+    starts the process from its own small image: a child forked straight from this process
+    would report this process's own peak (torch and transformers are loaded here)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rss = tmp / "rss.txt"
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env=env)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr.decode()[-2000:]}")
+    return dt, int(rss.read_text().split()[-1]) * 1024
+
+
+def bench(name: str, repeat: int) -> dict:
+    import planted
+
+    case = planted.BENCH_CASES[name]
+    with tempfile.TemporaryDirectory(prefix=f"shrinkit-bench-{name}-") as td:
+        tmp = Path(td)
+        row = {"family": name, "planted_max_rel_err": planted_error(case, tmp)}
+        parent = case.real(tmp / "real")
+        row["parent_bytes"] = sum(f.stat().st_size for f in Path(parent).glob("*.safetensors"))
+        for method in ("magnitude", "activation"):
+            rec = tmp / f"{method}.yaml"
+            rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
+                                           "stages": stages(method, {"strategy": "middle"}
+                                                            if case.real_target.get("num_hidden_layers") else None)}))
+            runs = [timed([sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "-r", str(rec), "--out",
+                           str(tmp / f"out-{method}"), "--force", "--no-verify", "--quiet"], tmp) for _ in range(repeat)]
+            row[f"{method}_seconds"] = round(statistics.median(t for t, _ in runs), 3)
+            row[f"{method}_peak_rss_mb"] = round(max(m for _, m in runs) / 2**20, 1)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("families", nargs="*", help="names in tests/planted.py BENCH_CASES (default: all)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    import planted
+
+    names = a.families or list(planted.BENCH_CASES)
+    load = os.getloadavg()
+    rows = [bench(n, a.repeat) for n in names]
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print("| family | planted max rel. err | subclone magnitude (s) | peak RSS (MB) | subclone activation (s) | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['family']} | {r['planted_max_rel_err']:.1e} | {r['magnitude_seconds']:.2f} | "
+              f"{r['magnitude_peak_rss_mb']:.0f} | {r['activation_seconds']:.2f} | {r['activation_peak_rss_mb']:.0f} |")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
