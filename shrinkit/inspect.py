@@ -42,4 +42,5 @@ def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None
             "child": {**plan.child.as_dict(), "params": count_params(cts), "bytes": nbytes,
                       "dtype": DTYPE_STR[plan.out_dtype], "shards": len(shards), "kept_layers": layers_note},
             "stages": {n: s.model_dump() for n, s in recipe.parsed},
+            **({"budget": plan.budget} if plan.budget else {}),
         }

@@ -74,14 +74,17 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     validation (importing transformers costs ~1-2 s, so a data-free run without verification
     skips it; tests/test_plan.py checks that both agree)."""
     fam, pdims = check_parent(ckpt)  # config by schema, every tensor's shape against it, before any work
-    if recipe.target.budget() is not None:
-        raise RecipeError("parameter budgets (target.params, params_ratio, non_embedding_params) are not supported "
-                          "by this version; give the child's dims")
+    solution = None
+    if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
+        from .budget import apply, solve
+        solution = solve(ckpt, fam, pdims, recipe, ckpt.config.get("model_type"))
     drop = recipe.stage("drop_layers")
-    child = resolve_target(fam, pdims, recipe, count_from_lists(drop, pdims.num_hidden_layers),
-                           ckpt.config.get("model_type"))
+    child = resolve_target(fam, pdims, apply(recipe, solution) if solution else recipe,
+                           count_from_lists(drop, pdims.num_hidden_layers), ckpt.config.get("model_type"))
     out_dtype = OUT_DTYPES[recipe.output.dtype] if recipe.output.dtype else parent_dtype(ckpt)
     plan = Plan(fam, pdims, child, out_dtype, cast=recipe.output.dtype is not None)
+    if solution is not None:
+        plan.budget = solution.summary()
     if child.num_hidden_layers < pdims.num_hidden_layers and drop is None:
         raise RecipeError(f"the target has {child.num_hidden_layers} of {pdims.num_hidden_layers} layers, "
                           "but the pipeline has no drop_layers stage; add one")
@@ -443,6 +446,7 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
             "tied_embeddings": tied,
         },
         "kept": kept,
+        **({"budget": plan.budget} if plan.budget else {}),
         "stages": stages,
         "seconds": round(seconds, 3),
     }

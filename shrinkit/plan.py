@@ -80,6 +80,7 @@ class Plan:
     cast: bool = True          # cast every float tensor to out_dtype; False keeps each tensor's own dtype
     norm_factor: float | None = None
     ranked: bool = False
+    budget: dict | None = None  # a budget target: the solver's choice and alternatives (shrinkit.budget)
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- kept indices per (space, key), as element indices along an axis
