@@ -44,6 +44,9 @@ Modes:
             1000 steps x 8 x 256 tokens (about 1.5 epochs of shakespeare_train), TF32 matmuls; with
             --budget-min as well, the steps are sized to that budget instead
   --steps, --seq-len, --batch, --lrs, --evals, --eval-windows, --budget-min override the mode.
+  --recipe R   the LM child's target from recipe R instead of recipes/smollm2-40m.yaml (explicit dims
+               or a parameter budget such as `target: {params: 40M}`, solved by shrinkit per arm)
+  --arms A,B   only these LM arms (random is always run: the speed-up is measured against it)
 
 Usage (from the repository root; `make bench-setup` installs matplotlib):
   .venv/bin/python bench/quality.py --quick
@@ -315,7 +318,7 @@ def load_arm(arm: str, children: dict, device):
 
     kw = dict(dtype=torch.float32, attn_implementation="sdpa")
     if arm == "random":
-        cfg = AutoConfig.from_pretrained(str(children["activation"]))
+        cfg = AutoConfig.from_pretrained(str(next(iter(children.values()))))
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg, **kw)
     else:
@@ -444,7 +447,11 @@ def markdown(R: dict) -> str:
     if "lm" in R:
         lm = R["lm"]
         L.append("\n## 1. SmolLM2-135M-Instruct -> 40M child, trained on Shakespeare\n")
-        L.append(f"Child shape {json.dumps(c['lm_target'])} ({lm['params'] / 1e6:.2f}M params, tied embeddings), "
+        shape = json.dumps(c.get("lm_shape", c["lm_target"]))
+        if c.get("lm_budget"):
+            shape += f" (solved by shrinkit for target {json.dumps(c['lm_target'])}, {c['lm_budget']['off']} off)"
+        L.append(f"Recipe {c.get('lm_recipe', 'recipes/smollm2-40m.yaml')}. "
+                 f"Child shape {shape} ({lm['params'] / 1e6:.2f}M params, tied embeddings), "
                  f"parent {lm['parent_params'] / 1e6:.1f}M. Training: {c['steps']} steps x {c['batch']} windows x "
                  f"{c['seq_len']} tokens ({c['steps'] * c['batch'] * c['seq_len']:,} tokens = "
                  f"{c['steps'] * c['batch'] * c['seq_len'] / lm['train_tokens_total']:.2f} epochs of shakespeare_train's "
@@ -575,6 +582,7 @@ def plot(R: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    global LM_ARMS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
@@ -593,7 +601,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--keep-children", action="store_true", help="keep the child folders (deleted by default)")
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes/smollm2-40m.yaml",
+                    help="recipe whose target sets the LM child's shape (default recipes/smollm2-40m.yaml)")
+    ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(LM_ARMS)} (random is always run)")
     args = ap.parse_args(argv)
+    if args.arms:
+        pick = set(args.arms.split(",")) | {"random"}
+        if pick - set(LM_ARMS):
+            ap.error(f"--arms: unknown arm(s) {', '.join(sorted(pick - set(LM_ARMS)))}")
+        LM_ARMS = tuple(a for a in LM_ARMS if a in pick)
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     device = args.device
@@ -645,13 +661,20 @@ def main(argv=None) -> int:
     # ---- subclone the LM arms first (their cost is fixed), then the MiniLM part, then size training
     if not args.skip_lm:
         t = time.perf_counter()
-        target = recipe_target(ROOT / "recipes/smollm2-40m.yaml")
+        target = recipe_target(args.recipe)
         R["config"]["lm_target"] = target
+        R["config"]["lm_recipe"] = os.path.relpath(args.recipe.resolve(), ROOT)
         calib = {"samples": cfg["calib_samples"], "seq_len": cfg["calib_seq_len"]}
         children, sub_s = {}, {}
         for arm, recipe in lm_recipes(target, calib).items():
-            children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device)
-        timings["subclone SmolLM2 (3 arms)"] = time.perf_counter() - t
+            if arm in LM_ARMS:
+                children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device)
+        rep0 = json.loads((next(iter(children.values())) / "shrinkit_report.json").read_text())
+        R["config"]["lm_shape"] = {k: rep0["child"]["dims"][k] for k in ("hidden_size", "intermediate_size",
+                                   "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+        if "budget" in rep0:
+            R["config"]["lm_budget"] = rep0["budget"]
+        timings[f"subclone SmolLM2 ({len(children)} arms)"] = time.perf_counter() - t
 
     if not args.skip_minilm:
         t = time.perf_counter()
@@ -751,7 +774,7 @@ def main(argv=None) -> int:
         R["lm"] = lm
         hows = {"activation": "activation ranking, drop middle, rescale norms",
                 "magnitude": "magnitude ranking, drop middle, rescale norms",
-                "weight-selection": "uniform selection, first 15 layers, no rescale",
+                "weight-selection": f"uniform selection, first {R['config']['lm_shape']['num_hidden_layers']} layers, no rescale",
                 "random": "transformers init of the child config, seed 0"}
         t = time.perf_counter()
         for arm in LM_ARMS:
