@@ -38,7 +38,9 @@ _SHADOWED = ("plan", "verify", "inspect")
 
 class _Entry:
     # An API function that is also a window onto the submodule of the same name.
+    __slots__ = ("_name",)
     __doc__ = property(lambda self: self._func().__doc__)  # type: ignore[assignment]
+    __dict__ = property(lambda self: self._module().__dict__)  # type: ignore[assignment]  # so patch/undo see the module
 
     def __init__(self, name: str):
         object.__setattr__(self, "_name", name)

@@ -23,12 +23,13 @@ The width/depth rule. Among the shapes within 1 % of the budget, the one that mi
 with w the hidden-size ratio and d the layer ratio to the parent, ALPHA = 0.5: depth shrinks
 as the square root of width (w = 0.5 -> d = 0.71), and the FFN and attention keep the parent's
 proportions to the hidden size. Why ALPHA in (0, 1), and 0.5: Minitron (Muralidharan et al.
-2024; Sreenivas et al. 2024, Llama-3.1-Minitron-4B) finds width pruning better than depth
-pruning at equal parameters after distillation (so depth should shrink less than width:
-ALPHA < 1); MobileLLM (Liu et al. 2024) finds that sub-billion models need depth ("deep and
-thin"), and Sheared-LLaMA's targets (Xia et al. 2023) shrink both: Llama-2-7B (4096 wide, 32
-layers) to 2.7B keeps every layer at w = 0.63, to 1.3B takes w = 0.5 and d = 0.75 (ALPHA 0.42)
-(so depth should shrink too: ALPHA > 0). On SmolLM2-135M at 40M the rule picks hidden 384,
+2024, "Compact Language Models via Pruning and Knowledge Distillation"; Sreenivas et al. 2024,
+its 8B -> 4B follow-up) finds width pruning better than depth pruning at equal parameters after
+distillation (so depth should shrink less than width: ALPHA < 1); MobileLLM (Liu et al. 2024)
+finds that sub-billion models need depth ("deep and thin"), and the target shapes of Xia et al.
+2023 ("Sheared" structured pruning) shrink both: a 7B parent (4096 wide, 32 layers) to 2.7B
+keeps every layer at w = 0.63, to 1.3B takes w = 0.5 and d = 0.75 (ALPHA 0.42) (so depth
+should shrink too: ALPHA > 0). On SmolLM2-135M at 40M the rule picks hidden 384,
 14 layers, FFN 960 where the hand-written recipes/smollm2-40m.yaml has 15 layers and FFN 1024
 (BENCHMARKS.md compares the two after training).
 """

@@ -150,9 +150,15 @@ def test_api_names_and_submodules_coexist(monkeypatch):
     assert callable(shrinkit.plan) and callable(shrinkit.verify) and callable(shrinkit.inspect)
     assert plan_module.resolve_target is resolve_target  # attribute access reaches the module
     assert "PARENT" in shrinkit.plan.__doc__
-    sentinel = object()
-    monkeypatch.setattr("shrinkit.plan.count_params", sentinel)  # patching by dotted path reaches the module
-    assert sys.modules["shrinkit.plan"].count_params is sentinel
+    sentinel, real = object(), sys.modules["shrinkit.plan"].count_params
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("shrinkit.plan.count_params", sentinel)  # patching by dotted path reaches the module
+        assert sys.modules["shrinkit.plan"].count_params is sentinel
+    assert sys.modules["shrinkit.plan"].count_params is real  # and the undo restores it
+    from unittest import mock
+    with mock.patch("shrinkit.plan.count_params", sentinel):
+        assert sys.modules["shrinkit.plan"].count_params is sentinel
+    assert sys.modules["shrinkit.plan"].count_params is real
     import importlib
     importlib.import_module("shrinkit.verify")  # importing the submodule leaves the API function in place
     assert callable(shrinkit.verify) and shrinkit.verify.verify_child is sys.modules["shrinkit.verify"].verify_child
