@@ -50,6 +50,10 @@ def test_encoder_planted_ffn_and_layers_exact(tmp_path, kind, method, mlm):
     ids = tokens(96)
     ref = outputs(pl.path, ids, mlm)
     assert rel_err(outputs(tmp_path / "child", ids, mlm), ref) < 1e-4
+    if not mlm:  # verification sees the exact child as the parent, and a random child as different
+        v = verify_child(pl.path, tmp_path / "child", Verify(data="random_tokens", samples=6, seq_len=16, batch_size=3))
+        assert v["child"]["similarity_pearson"] == pytest.approx(1.0, abs=1e-6)
+        assert v["random_init"]["similarity_pearson"] < 0.99
     # negative controls: a live layer dropped, or neurons chosen without looking at the weights
     run(pl.path, tmp_path / "wrong-layer", target=target, stages=stages("magnitude", drop=(2,)))
     assert rel_err(outputs(tmp_path / "wrong-layer", ids, mlm), ref) > 1e-2
@@ -117,3 +121,11 @@ def test_encoder_inspect_and_plan(tmp_path, kind, write_recipe):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     assert p["child"]["hidden_size"] == 32 and p["child"]["num_hidden_layers"] == 2
+    r = CliRunner().invoke(app, ["subclone", str(parent), "-r", str(rec), "--out", str(tmp_path / "child"),
+                                 "--no-verify", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["verify", str(parent), str(tmp_path / "child"), "--data", "random_tokens",
+                                 "--samples", "4", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)
+    assert v["kind"] == "encoder" and "similarity_pearson" in v["child"] and "similarity_pearson" in v["random_init"]
