@@ -5,12 +5,19 @@ student train faster than a random one of the same shape?
 Not a test: a benchmark that writes results.json, results.md and curves.png.
 
 Part 1, causal LM. SmolLM2-135M-Instruct (bench/assets.py) -> the child shape of
-recipes/smollm2-40m.yaml (hidden 384, 15 layers, ffn 1024, 6 heads / 2 kv). Four arms, all of
-that exact shape; the first three are written by the shrinkit CLI
+recipes/smollm2-40m.yaml (hidden 384, 15 layers, ffn 1024, 6 heads / 2 kv). Seven arms (--arms
+picks a subset), all of that shape (the rotate arms with an untied head); all but random are
+written by the shrinkit CLI
 (`python -m shrinkit.cli subclone PARENT --recipe R --out DIR --force --quiet --no-verify`):
 
   activation        rank_neurons activation (calibration on the built-in text), drop_layers
                     middle, rescale_norms: shrinkit's default, the subcloning paper's recipe
+  activation-heal   the same plus the heal stage (least-squares refit of every kept block's
+                    attention and MLP output projections against the parent)
+  rotate            activation ranking for FFN neurons and heads, drop_layers middle, and
+                    rotate_hidden (top principal directions of the residual stream instead of a
+                    subset of dims; the tied head is untied, so this arm has vocab x 384 more params)
+  rotate-heal       rotate, then heal
   magnitude         the same with rank_neurons magnitude
   weight-selection  the weight-selection paper (Xu et al. 2023): rank_neurons uniform (evenly
                     spaced indices), drop_layers first (keep the first N layers), no rescale_norms
@@ -26,10 +33,13 @@ set of evenly spaced windows of shakespeare_heldout and pydoc_heldout (Python do
 training never sees, so it measures what the parent's knowledge keeps) is measured at init
 and every K steps. Reported: per-arm table, the grid, the steps each arm needs to first reach
 the random arm's final shakespeare perplexity and the speed-up (random's steps / arm's
-steps; crossing steps interpolated in log-perplexity between evaluations), and curves.png.
+steps; crossing steps interpolated in log-perplexity between evaluations), the same against
+the activation arm's final perplexity (how much sooner heal and rotation get there), and
+curves.png.
 
 Part 2, encoder, no training. all-MiniLM-L6-v2 cut to 3 layers (recipes/minilm-l3.yaml's
-shape) and to 3 layers at hidden 256 (recipes/minilm-l3-h256.yaml's shape) by the same arms;
+shape) and to 3 layers at hidden 256 (recipes/minilm-l3-h256.yaml's shape) by the same arms
+(rotate_hidden refuses LayerNorm families, so no rotate arms here);
 for ~200 held-out sentences (lines of 5-30 words from shakespeare_heldout and pydoc_heldout),
 mask-aware mean-pooled embeddings, cosine similarity matrix, Spearman (and Pearson)
 correlation of the upper triangle, child vs parent.
@@ -86,7 +96,9 @@ import yaml  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
-LM_ARMS = ("activation", "magnitude", "weight-selection", "random")
+ALL_ARMS = ("activation", "activation-heal", "rotate", "rotate-heal", "magnitude", "weight-selection", "random")
+LM_ARMS = ALL_ARMS  # --arms picks a subset
+ROTATED = ("rotate", "rotate-heal")  # untied head: more parameters; refused for LayerNorm families (MiniLM)
 T0 = time.perf_counter()
 
 
@@ -122,11 +134,18 @@ def lm_recipes(target: dict, calib: dict) -> dict[str, dict]:
             stages.append({"rescale_norms": {}})
         return {"target": dict(target), "stages": stages, "output": {"dtype": dtype}, "seed": 0}
 
-    return {
-        "activation": rec({"method": "activation", "calibration": calib}, "middle", True),
+    act = rec({"method": "activation", "calibration": calib}, "middle", True)
+    heal = {"heal": {"calibration": calib}}
+    rot = {"rotate_hidden": {"calibration": calib}}
+    recipes = {
+        "activation": act,
+        "activation-heal": {**act, "stages": act["stages"][:2] + [heal] + act["stages"][2:]},
+        "rotate": {**act, "stages": act["stages"][:2] + [rot, {"slice_embeddings": {}}]},
+        "rotate-heal": {**act, "stages": act["stages"][:2] + [rot, heal, {"slice_embeddings": {}}]},
         "magnitude": rec({"method": "magnitude"}, "middle", True),
         "weight-selection": rec({"method": "uniform"}, "first", False),
     }
+    return {k: v for k, v in recipes.items() if k in LM_ARMS}
 
 
 def recipe_target(path: Path) -> dict:
@@ -227,6 +246,8 @@ def minilm_part(cfg: dict, work: Path, texts: dict, device: str) -> dict:
         rows[shape] = {}
         child_cfg = None
         for arm, recipe in lm_recipes(target, calib).items():
+            if arm in ROTATED:  # LayerNorm: rotate_hidden refuses it (exit 2), by design
+                continue
             recipe["output"] = {"dtype": "float32"}
             child, dt = subclone(parent, recipe, f"minilm-{shape}-{arm}", work, device)
             model = AutoModel.from_pretrained(str(child), dtype=torch.float32)
@@ -318,7 +339,7 @@ def load_arm(arm: str, children: dict, device):
 
     kw = dict(dtype=torch.float32, attn_implementation="sdpa")
     if arm == "random":
-        cfg = AutoConfig.from_pretrained(str(next(iter(children.values()))))
+        cfg = AutoConfig.from_pretrained(str(next(children[a] for a in children if a not in ROTATED)))
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg, **kw)
     else:
@@ -489,27 +510,31 @@ def markdown(R: dict) -> str:
                 cell = ppl_pair(a["runs"][str(lr)]["curve"], -1)
                 cells.append(f"**{cell}**" if str(lr) == a["best_lr"] else cell)
             L.append(f"| {arm} | " + " | ".join(cells) + " |")
-        s = lm["speedup"]
-        L.append(f"\nSteps to first reach the random arm's final shakespeare_heldout perplexity "
-                 f"({fmt_ppl(s['target_ppl'])}, random at its best LR after {c['steps']} steps), each arm at its best LR. "
-                 f"Evaluations every {lm['eval_every']} steps; the crossing step is interpolated in log perplexity "
-                 f"between the two evaluations that bracket it.\n")
-        L.append("| arm | steps to reach (interpolated) | bracket (evals) | speed-up vs random | "
-                 "conservative speed-up (random's steps / bracket end) |")
-        L.append("|---|---:|---|---:|---:|")
-        for arm in LM_ARMS:
-            r = s["arms"][arm]
-            if r["steps"] is None:
-                st, br = f"not reached in {c['steps']}", "-"
-            elif r["steps"] == 0:
-                st, br = "0 (at init)", "init"
-            else:
-                st, br = f"{r['steps']:.1f}", f"{r['bracket'][0]}-{r['bracket'][1]}"
-            L.append(f"| {arm} | {st} | {br} | {r['ratio']} | {r['ratio_conservative'] or '-'} |")
+        for key in ("speedup", "speedup_vs_activation"):
+            if key not in lm:
+                continue
+            s = lm[key]
+            ref = s.get("reference", "random")
+            L.append(f"\nSteps to first reach the {ref} arm's final shakespeare_heldout perplexity "
+                     f"({fmt_ppl(s['target_ppl'])}, {ref} at its best LR after {c['steps']} steps), each arm at its best LR. "
+                     f"Evaluations every {lm['eval_every']} steps; the crossing step is interpolated in log perplexity "
+                     f"between the two evaluations that bracket it.\n")
+            L.append(f"| arm | steps to reach (interpolated) | bracket (evals) | speed-up vs {ref} | "
+                     f"conservative speed-up ({ref}'s steps / bracket end) |")
+            L.append("|---|---:|---|---:|---:|")
+            for arm in LM_ARMS:
+                r = s["arms"][arm]
+                if r["steps"] is None:
+                    st, br = f"not reached in {c['steps']}", "-"
+                elif r["steps"] == 0:
+                    st, br = "0 (at init)", "init"
+                else:
+                    st, br = f"{r['steps']:.1f}", f"{r['bracket'][0]}-{r['bracket'][1]}"
+                L.append(f"| {arm} | {st} | {br} | {r['ratio']} | {r['ratio_conservative'] or '-'} |")
         L.append("\nHeld-out perplexity at each evaluation, best LR of each arm (shakespeare / pydoc):\n")
         L.append("| step | " + " | ".join(LM_ARMS) + " |")
         L.append("|---:|" + "---:|" * len(LM_ARMS))
-        steps0 = lm["arms"]["random"]["runs"][lm["arms"]["random"]["best_lr"]]["curve"]["step"]
+        steps0 = lm["arms"][LM_ARMS[0]]["runs"][lm["arms"][LM_ARMS[0]]["best_lr"]]["curve"]["step"]
         for i, st in enumerate(steps0):
             cells = []
             for arm in LM_ARMS:
@@ -527,6 +552,9 @@ def markdown(R: dict) -> str:
         L.append("| arm | " + " | ".join(f"{s} {json.dumps(mm['shapes'][s])}" for s in shapes) + " | kept layers |")
         L.append("|---|" + "---:|" * len(shapes) + "---|")
         for arm in LM_ARMS:
+            if arm not in mm["arms"][shapes[0]]:
+                L.append(f"| {arm} | " + " | ".join("refused (LayerNorm family)" for _ in shapes) + " | - |")
+                continue
             cells = [f"{mm['arms'][s][arm]['spearman']:.3f} ({mm['arms'][s][arm]['pearson']:.3f})" for s in shapes]
             kl = mm["arms"][shapes[0]][arm]["kept_layers"]
             L.append(f"| {arm} | " + " | ".join(cells) + f" | {ranges(kl) if kl else '-'} |")
@@ -548,7 +576,8 @@ def plot(R: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lm = R["lm"]
-    colors = {"activation": "tab:red", "magnitude": "tab:orange", "weight-selection": "tab:blue", "random": "tab:gray"}
+    colors = {"activation": "tab:red", "activation-heal": "tab:purple", "rotate": "tab:green", "rotate-heal": "tab:olive",
+              "magnitude": "tab:orange", "weight-selection": "tab:blue", "random": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     cap = 1e6  # points above are drawn at the cap (their value is in the legend)
     for ax, key, title in ((axes[0], "shakespeare", "shakespeare_heldout (trained domain)"),
@@ -564,7 +593,7 @@ def plot(R: dict, path: Path) -> None:
                 ax.plot(cur["step"], ys, color=colors[arm], lw=2.2 if best else 0.8, alpha=1 if best else 0.35,
                         marker="o" if best else None, ms=3, label=label if best else None)
         ax.axhline(lm["parent_ppl"][key], color="k", ls=":", lw=1, label="parent 135M, as is (not trained here)")
-        if key == "shakespeare":
+        if key == "shakespeare" and "speedup" in lm:
             ax.axhline(lm["speedup"]["target_ppl"], color="tab:gray", ls="--", lw=1, label="random's final ppl")
         ax.set_yscale("log")
         ax.set_xlabel("training step")
@@ -603,14 +632,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-children", action="store_true", help="keep the child folders (deleted by default)")
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes/smollm2-40m.yaml",
                     help="recipe whose target sets the LM child's shape (default recipes/smollm2-40m.yaml)")
-    ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(LM_ARMS)} (random is always run)")
+    ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(ALL_ARMS)} (random is always run)")
     args = ap.parse_args(argv)
     if args.arms:
         pick = set(args.arms.split(",")) | {"random"}
-        if pick - set(LM_ARMS):
-            ap.error(f"--arms: unknown arm(s) {', '.join(sorted(pick - set(LM_ARMS)))}")
-        LM_ARMS = tuple(a for a in LM_ARMS if a in pick)
-
+        if pick - set(ALL_ARMS):
+            ap.error(f"--arms: unknown arm(s) {', '.join(sorted(pick - set(ALL_ARMS)))}")
+        LM_ARMS = tuple(a for a in ALL_ARMS if a in pick)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     device = args.device
     if device == "auto":
@@ -645,7 +673,7 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     R: dict = {"mode": mode, "command": command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(device), "out": str(out)}
-    R["config"] = {**cfg, "device": device, "tf32": device.startswith("cuda"), "warmup_frac": WARMUP_FRAC, "min_lr_frac": MIN_LR_FRAC,
+    R["config"] = {**cfg, "arms": list(LM_ARMS), "device": device, "tf32": device.startswith("cuda"), "warmup_frac": WARMUP_FRAC, "min_lr_frac": MIN_LR_FRAC,
                    "weight_decay": WEIGHT_DECAY, "betas": BETAS, "clip": CLIP}
 
     def save():
@@ -669,7 +697,7 @@ def main(argv=None) -> int:
         for arm, recipe in lm_recipes(target, calib).items():
             if arm in LM_ARMS:
                 children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device)
-        rep0 = json.loads((next(iter(children.values())) / "shrinkit_report.json").read_text())
+        rep0 = json.loads((next(children[a] for a in children if a not in ROTATED) / "shrinkit_report.json").read_text())
         R["config"]["lm_shape"] = {k: rep0["child"]["dims"][k] for k in ("hidden_size", "intermediate_size",
                                    "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
         if "budget" in rep0:
@@ -718,8 +746,8 @@ def main(argv=None) -> int:
                 + ", ".join(f"{k} ppl {v:.1f}" for k, v in init_eval[arm].items()))
             del m
         s_eval = (time.perf_counter() - t) / len(LM_ARMS)
-        assert len(set(params.values())) == 1, f"arms differ in shape: {params}"
-        timings["init evals (4 arms)"] = time.perf_counter() - t
+        assert len({v for a, v in params.items() if a not in ROTATED}) <= 1, f"arms differ in shape: {params}"
+        timings[f"init evals ({len(LM_ARMS)} arms)"] = time.perf_counter() - t
 
         # measure seconds per training step (random arm, throwaway optimizer)
         t = time.perf_counter()
@@ -768,11 +796,14 @@ def main(argv=None) -> int:
             f"projected total {(time.perf_counter() - T0 + est) / 60:.1f} min"
             + (f" of {budget_s / 60:.1f}" if budget_s else ""))
 
-        lm = {"params": params["random"], "parent_params": parent_params, "parent_ppl": parent_ppl,
+        lm = {"params": next(v for a, v in params.items() if a not in ROTATED), "parent_params": parent_params, "parent_ppl": parent_ppl,
               "train_tokens_total": len(train_ids), "eval_steps": sorted({0} | eval_at), "eval_every": eval_every,
               "timing": {"s_per_step": s_step, "s_per_eval": s_eval, "estimate_s": est}, "arms": {}}
         R["lm"] = lm
         hows = {"activation": "activation ranking, drop middle, rescale norms",
+                "activation-heal": "activation ranking, drop middle, heal, rescale norms",
+                "rotate": "activation ranking (ffn, heads), drop middle, rotate_hidden (PCA), untied head",
+                "rotate-heal": "as rotate, then heal",
                 "magnitude": "magnitude ranking, drop middle, rescale norms",
                 "weight-selection": f"uniform selection, first {R['config']['lm_shape']['num_hidden_layers']} layers, no rescale",
                 "random": "transformers init of the child config, seed 0"}
@@ -797,22 +828,25 @@ def main(argv=None) -> int:
             a["best_at_edge"] = len(order) > 2 and a["best_lr"] in (order[0], order[-1])
         timings["training (all runs)"] = time.perf_counter() - t
 
-        rnd = lm["arms"]["random"]["runs"][lm["arms"]["random"]["best_lr"]]["curve"]
-        target_ppl = rnd["shakespeare"][-1]
-        sp = {"target_ppl": target_ppl, "arms": {}}
-        r_steps, _ = crossing(rnd["step"], rnd["shakespeare"], target_ppl)
-        for arm in LM_ARMS:
-            cur = lm["arms"][arm]["runs"][lm["arms"][arm]["best_lr"]]["curve"]
-            st, br = crossing(cur["step"], cur["shakespeare"], target_ppl)
-            bound = None
-            if st is None:
-                ratio = f"< {r_steps / steps:.2f} (not reached)"
-            elif st == 0:
-                ratio = bound = "inf (at init)"
-            else:
-                ratio, bound = f"{r_steps / st:.2f}x", f"{r_steps / br[1]:.2f}x"
-            sp["arms"][arm] = {"steps": st, "bracket": br, "ratio": ratio, "ratio_conservative": bound}
-        lm["speedup"] = sp
+        for ref, key in (("random", "speedup"), ("activation", "speedup_vs_activation")):
+            if ref not in LM_ARMS:
+                continue
+            rnd = lm["arms"][ref]["runs"][lm["arms"][ref]["best_lr"]]["curve"]
+            target_ppl = rnd["shakespeare"][-1]
+            sp = {"reference": ref, "target_ppl": target_ppl, "arms": {}}
+            r_steps, _ = crossing(rnd["step"], rnd["shakespeare"], target_ppl)
+            for arm in LM_ARMS:
+                cur = lm["arms"][arm]["runs"][lm["arms"][arm]["best_lr"]]["curve"]
+                st, br = crossing(cur["step"], cur["shakespeare"], target_ppl)
+                bound = None
+                if st is None:
+                    ratio = f"< {r_steps / steps:.2f} (not reached)"
+                elif st == 0:
+                    ratio = bound = "inf (at init)"
+                else:
+                    ratio, bound = f"{r_steps / st:.2f}x", f"{r_steps / br[1]:.2f}x"
+                sp["arms"][arm] = {"steps": st, "bracket": br, "ratio": ratio, "ratio_conservative": bound}
+            lm[key] = sp
         save()
         try:
             plot(R, out / "curves.png")

@@ -94,9 +94,9 @@ VENV_BIN = ROOT / ".venv" / "bin"
 PY = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 SHRINKIT = str(VENV_BIN / "shrinkit") if (VENV_BIN / "shrinkit").exists() else (shutil.which("shrinkit") or "shrinkit")
 DEFAULT_ARMS = ["disk", "naive", "shrinkit-first", "shrinkit-magnitude", "shrinkit-activation"]
-SHRINKIT_METHODS = ("first", "magnitude", "activation", "uniform", "random", "drop")
+SHRINKIT_METHODS = ("first", "magnitude", "activation", "uniform", "random", "drop", "heal", "rotate")
 NOCACHE = "-nocache"  # arm suffix: run that shrinkit arm with SHRINKIT_NO_HASH_CACHE=1
-SLOW_ARMS = ("shrinkit-activation", "shrinkit-activation-nocache", "naive-calibration")  # --slow-repeat
+SLOW_ARMS = ("shrinkit-activation", "shrinkit-activation-nocache", "naive-calibration", "shrinkit-heal", "shrinkit-rotate")  # --slow-repeat
 DROP_ARMS = ("shrinkit-drop", "shrinkit-drop-nocache", "mergekit")  # depth-only children (full width)
 CHUNK = 8 << 20
 SHRINKIT_EXTRA: list[str] = []  # e.g. ["--no-verify"], decided in main()
@@ -257,7 +257,7 @@ def recipe_for(preset: common.Preset, method: str) -> Path:
     data = yaml.safe_load((tpl if tpl.is_file() else HERE / "recipes" / "half-first.yaml").read_text())
     data["target"] = preset.dims.half().target()
     for st in data["stages"]:
-        if "rank_neurons" in st:
+        if "rank_neurons" in st and method not in ("heal", "rotate"):  # those two rank by activation
             st["rank_neurons"] = {**(st["rank_neurons"] or {}), "method": method}
     data["name"] = f"half-{method}"
     out = bench_dir() / "recipes" / preset.name / f"half-{method}.yaml"

@@ -40,7 +40,8 @@ def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None
         return {
             "parent": {**plan.parent.as_dict(), "bytes": ck.total_bytes, **(source or {})},
             "child": {**plan.child.as_dict(), "params": count_params(cts), "bytes": nbytes,
-                      "dtype": DTYPE_STR[plan.out_dtype], "shards": len(shards), "kept_layers": layers_note},
+                      "dtype": DTYPE_STR[plan.out_dtype], "shards": len(shards), "kept_layers": layers_note,
+                      **({"untied_head_params": plan.parent.vocab_size * plan.child.hidden_size} if plan.untie else {})},
             "stages": {n: s.model_dump() for n, s in recipe.parsed},
             **({"budget": plan.budget} if plan.budget else {}),
         }

@@ -21,7 +21,7 @@ from . import __version__
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
-from .families.spaces import GLOBAL, LAYER
+from .families.spaces import GLOBAL, LAYER, Space
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
 from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, parent_params, resolve_target
@@ -30,7 +30,7 @@ from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
 from .stages.layers import count_from_lists, keep_layers
 from .stages.rank import magnitude_scores, select, spaces_to_rank
-from .stages.slice import slice_blocks
+from .stages.slice import BLOCK_BYTES, slice_blocks
 from .validate import MAX_CACHE, HashCache, loads, read_capped
 
 TOKENIZER_FILES = (
@@ -61,8 +61,10 @@ def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def needs_transformers(ckpt: Checkpoint, recipe: Recipe, verify: bool, tokenizer=None) -> bool:
     """Whether this run imports transformers anyway (calibration or verification)."""
-    rank, drop = recipe.stage("rank_neurons"), recipe.stage("drop_layers")
-    return bool(verify or (drop is not None and drop.strategy == "importance") or
+    rank, drop, heal = recipe.stage("rank_neurons"), recipe.stage("drop_layers"), recipe.stage("heal")
+    heals = heal is not None and (heal.when == "always" or _has_text(ckpt, heal.calibration, tokenizer))
+    return bool(verify or (drop is not None and drop.strategy == "importance") or heals or
+                recipe.stage("rotate_hidden") is not None or
                 (rank is not None and (rank.method or default_method(ckpt, tokenizer)) == "activation"))
 
 
@@ -88,7 +90,12 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if child.num_hidden_layers < pdims.num_hidden_layers and drop is None:
         raise RecipeError(f"the target has {child.num_hidden_layers} of {pdims.num_hidden_layers} layers, "
                           "but the pipeline has no drop_layers stage; add one")
-    if spaces_to_rank(plan) and recipe.stage("rank_neurons") is None:
+    if recipe.stage("rotate_hidden") is not None:
+        from .stages.rotate import check_rotatable
+        check_rotatable(plan)
+        plan.rotate = True
+        plan.untie = fam.tied(ckpt.config)
+    if spaces_to_rank(plan) - ({Space.HIDDEN} if plan.rotate else set()) and recipe.stage("rank_neurons") is None:
         raise RecipeError("the target narrows the model, but the pipeline has no rank_neurons stage; add one")
     if drop is not None and drop.strategy != "importance":
         plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers)
@@ -279,6 +286,14 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 info["influence"] = [round(x, 6) for x in influence]
                 plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
             dropped = True
+        elif name == "rotate_hidden":
+            from .stages.rotate import rotate_hidden
+            if not plan.ranked:
+                select(plan, "first", None, plan.layers, recipe.seed)
+            info.update(rotate_hidden(ckpt, plan, stage, seed=recipe.seed, device=opts["device"],
+                                      tokenizer=opts["tokenizer"], scratch=tmp, progress=progress))
+        elif name == "heal":
+            info.update(_heal(ckpt, plan, stage, recipe, progress, opts, tmp))
         elif name == "rescale_norms":
             info["factor"] = plan.norm_factor if plan.norm_factor is not None else 1.0
         elif name == "slice_embeddings":
@@ -335,6 +350,46 @@ def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict, scratch: P
     return cache[key]
 
 
+def _has_text(ckpt: Checkpoint, spec, tokenizer) -> bool:
+    """Whether calibration data can be formed: random tokens, or a tokenizer for the text."""
+    from .calibrate import has_tokenizer
+    return spec.data == "random_tokens" or bool(tokenizer) or has_tokenizer(ckpt.root)
+
+
+def _heal(ckpt: Checkpoint, plan: Plan, stage, recipe: Recipe, progress: Progress, opts: dict, tmp: Path) -> dict:
+    """The heal stage (shrinkit.stages.heal). `when: auto` (the default pipeline's) heals only a
+    child that drops layers, and only when calibration text is at hand (a tokenizer for it, or
+    random tokens): see README, "Heal"."""
+    if not plan.ranked:
+        select(plan, "first", None, plan.layers, recipe.seed)
+    if stage.when == "auto":
+        b = plan.family.block
+        if b is None or not (b.out_proj and b.down_proj):
+            return {"skipped": f"heal has no block description for the {plan.family.name} family yet (when: auto)"}
+        if len(plan.layers) == plan.parent.num_hidden_layers:
+            return {"skipped": "no layer is dropped (when: auto)"}
+        if not _has_text(ckpt, stage.calibration, opts["tokenizer"]):
+            return {"skipped": "no tokenizer for the calibration text (when: auto)"}
+    from .stages.heal import heal
+    return heal(ckpt, plan, stage, seed=recipe.seed, device=opts["device"], tokenizer=opts["tokenizer"],
+                scratch=tmp, progress=progress)
+
+
+def _child_blocks(plan: Plan, ct, ckpt: Checkpoint):
+    """The child tensor's row blocks: sliced from the parent, or the fitted value heal left."""
+    rep = plan.replaced.get(ct.name)
+    if rep is None:
+        yield from slice_blocks(plan, ct, ckpt.get(ct.parent.name))
+        return
+    from .stages.heal import load_replacement
+    t = load_replacement(rep, ct.name).to(ct.dtype)
+    if tuple(t.shape) != tuple(ct.shape):  # pragma: no cover - heal writes child-shaped tensors
+        raise RuntimeError(f"healed {ct.name} has shape {list(t.shape)}, expected {list(ct.shape)}")
+    step = max(1, BLOCK_BYTES // max(1, t[0].numel() * t.element_size())) if t.dim() > 1 else len(t)
+    for r0 in range(0, len(t), step):
+        yield t[r0:r0 + step].contiguous()
+
+
 def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list) -> dict:
     if not plan.ranked:
         if spaces_to_rank(plan):  # pragma: no cover - prepare() refuses this
@@ -370,7 +425,7 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
                 if failed:
                     break
                 q.put(("begin", (ct.name, ct.dtype)))
-                for block in slice_blocks(plan, ct, ckpt.get(ct.parent.name)):
+                for block in _child_blocks(plan, ct, ckpt):
                     q.put(("data", block))
                 q.put(("end", None))
                 progress.advance(ct.parent.nbytes)
@@ -383,6 +438,8 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
     except BaseException:
         writer.abort()
         raise
+    for p in set(plan.replaced.values()):  # heal's scratch files: not part of the child
+        Path(p).unlink(missing_ok=True)
     cfg = plan.child_config(ckpt.config)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     src = ckpt.config_path.parent
@@ -443,7 +500,8 @@ def build_report(ckpt: Checkpoint, plan: Plan, recipe: Recipe, stages: list, has
             "params": count_params(cts),
             "bytes": sum(c.nbytes for c in cts),
             "dtype": DTYPE_STR[plan.out_dtype],
-            "tied_embeddings": tied,
+            "tied_embeddings": tied and not plan.untie,
+            **({"untied_head_params": plan.parent.vocab_size * plan.child.hidden_size} if plan.untie else {}),
         },
         "kept": kept,
         **({"budget": plan.budget} if plan.budget else {}),
@@ -461,7 +519,8 @@ def kept_report(plan: Plan) -> dict:
             continue
         if sp.per == GLOBAL:
             k = plan.kept.get((sp, None))
-            out[sp.name] = k.tolist() if k is not None else "all"
+            out[sp.name] = k.tolist() if k is not None else (
+                "rotated" if sp is Space.HIDDEN and plan.rotation is not None else "all")
             continue
         d = {}
         for ci, p in enumerate(plan.layers):

@@ -81,6 +81,14 @@ class Plan:
     norm_factor: float | None = None
     ranked: bool = False
     budget: dict | None = None  # a budget target: the solver's choice and alternatives (shrinkit.budget)
+    replaced: dict = field(default_factory=dict)  # child tensor name -> file holding its fitted value (heal)
+    # rotate_hidden: the child's hidden axis is the parent's projected onto `rotation` ([D, d]
+    # orthonormal columns) instead of a subset of dims; `folds` holds, per reader tensor (child
+    # name), the scale of the norm it reads, folded into it; a tied head is written untied
+    rotate: bool = False
+    rotation: torch.Tensor | None = None
+    folds: dict = field(default_factory=dict)
+    untie: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- kept indices per (space, key), as element indices along an axis
@@ -122,7 +130,10 @@ class Plan:
         return out
 
     def child_config(self, cfg: dict) -> dict:
-        return self.family.child_config(cfg, self.child, self.layers, DTYPE_STR[self.out_dtype])
+        out = self.family.child_config(cfg, self.child, self.layers, DTYPE_STR[self.out_dtype])
+        if self.untie:
+            out["tie_word_embeddings"] = False
+        return out
 
     # ---- the child's tensors, in the parent's storage order
     def child_tensors(self, ckpt: Checkpoint) -> list[ChildTensor]:
@@ -133,7 +144,7 @@ class Plan:
         infos = sorted(ckpt.tensors.values(), key=lambda t: (ckpt.shards.index(t.shard), t.begin))
         for info in infos:
             rule, m = match_rule(fam, info)
-            if rule.drop or (rule.tied and tied):
+            if rule.drop or (rule.tied and tied and not self.untie):
                 continue
             layer, expert = tensor_key(rule, m)
             renumber = {}
@@ -150,12 +161,29 @@ class Plan:
             name = info.name
             for g in sorted(renumber, key=m.start, reverse=True):  # dropped layers/experts: renumber the rest
                 name = name[: m.start(g)] + str(renumber[g]) + name[m.end(g):]
-            shape = tuple(
-                (idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
-                for a, s in zip(rule.axes, info.shape))
+            shape = self._shape(rule, info, layer, expert)
             dtype = self.out_dtype if info.dtype.is_floating_point and self.cast else info.dtype
             out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm, expert))
+        if self.untie and tied and not any(c.rule.tied for c in out):
+            out.append(self._untied_head(ckpt, out))
         return out
+
+    def _shape(self, rule: Rule, info: TensorInfo, layer, expert) -> tuple[int, ...]:
+        if self.rotate:  # the hidden axis is projected, not cut
+            return tuple(self.child.hidden_size if a is Space.HIDDEN else
+                         (idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
+                         for a, s in zip(rule.axes, info.shape))
+        return tuple((idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
+                     for a, s in zip(rule.axes, info.shape))
+
+    def _untied_head(self, ckpt: Checkpoint, cts: list[ChildTensor]) -> ChildTensor:
+        """The output head of a tied parent, written as a tensor of its own: the input embedding
+        (the tied rule's source), named by the family's block description."""
+        fam = self.family
+        head_rule = next(r for r in fam.rules if r.tied)
+        emb = next(c for c in cts if c.layer is None and c.rule.axes == head_rule.axes and not c.rule.tied)
+        name = f"{fam.block.head}.weight"
+        return ChildTensor(name, emb.parent, head_rule, None, emb.shape, emb.dtype, False, None)
 
 
 def match_rule(fam: Family, info: TensorInfo):

@@ -115,6 +115,20 @@ class SliceEmbeddings(Strict):
     pass
 
 
+class Heal(Strict):
+    """Least-squares refit of every kept block's attention and MLP output projections."""
+    alpha: float = Field(1e-3, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
+    weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
+    when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
+class RotateHidden(Strict):
+    """Keep the top principal directions of the residual stream instead of a subset of its dims."""
+    method: Literal["pca"] = "pca"
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
 class RescaleNorms(Strict):
     factor: Optional[float] = Field(None, gt=0, le=100, allow_inf_nan=False,
                                     description="norm scale factor; default sqrt(parent hidden / child hidden)")
@@ -123,10 +137,12 @@ class RescaleNorms(Strict):
 STAGES = {
     "rank_neurons": RankNeurons,
     "drop_layers": DropLayers,
+    "rotate_hidden": RotateHidden,
+    "heal": Heal,
     "slice_embeddings": SliceEmbeddings,
     "rescale_norms": RescaleNorms,
 }
-Stage = Union[RankNeurons, DropLayers, SliceEmbeddings, RescaleNorms]
+Stage = Union[RankNeurons, DropLayers, RotateHidden, Heal, SliceEmbeddings, RescaleNorms]
 
 
 class Output(Strict):
@@ -142,7 +158,8 @@ class Output(Strict):
 class Recipe(Strict):
     target: Target = Field(default_factory=Target)
     stages: list[dict] = Field(default_factory=lambda: [
-        {"rank_neurons": {}}, {"drop_layers": {}}, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+        {"rank_neurons": {}}, {"drop_layers": {}}, {"heal": {"when": "auto"}}, {"slice_embeddings": {}},
+        {"rescale_norms": {}}])
     output: Output = Field(default_factory=Output)
     verify: Verify = Field(default_factory=Verify)
     seed: StrictInt = Field(0, ge=0, lt=1 << 63)
@@ -178,9 +195,15 @@ class Recipe(Strict):
         if "slice_embeddings" not in names:
             raise ValueError("the pipeline has no slice_embeddings stage, so it would write nothing; add `- slice_embeddings: {}`")
         cut = names.index("slice_embeddings")
-        for n in ("rank_neurons", "drop_layers"):
+        for n in ("rank_neurons", "drop_layers", "rotate_hidden", "heal"):
             if n in names and names.index(n) > cut:
                 raise ValueError(f"{n} must come before slice_embeddings")
+        if "heal" in names:
+            for n in ("rank_neurons", "drop_layers", "rotate_hidden"):
+                if n in names and names.index(n) > names.index("heal"):
+                    raise ValueError(f"heal refits the chosen child, so {n} must come before heal")
+        if "rotate_hidden" in names and "rank_neurons" in names and names.index("rank_neurons") > names.index("rotate_hidden"):
+            raise ValueError("rotate_hidden replaces rank_neurons' choice of hidden dims, so rank_neurons must come first")
         self.parsed = parsed
         return self
 
@@ -292,7 +315,7 @@ def recipe_schema() -> dict:
     class RecipeSchema(Recipe):
         stages: list[Union[tuple(items)]] = Field(  # type: ignore[valid-type]
             default_factory=lambda: [], description="the pipeline, in order; each item one stage: "
-            "rank_neurons, drop_layers, slice_embeddings (required), rescale_norms")
+            "rank_neurons, drop_layers, rotate_hidden, heal, slice_embeddings (required), rescale_norms")
 
     s = RecipeSchema.model_json_schema()
     s["properties"].pop("parsed", None)

@@ -201,7 +201,7 @@ def test_schema_describes_stages_and_refuses_unknown_keys():
     s = shrinkit.schema()
     stage_defs = {next(iter(s["$defs"][r["$ref"].split("/")[-1]]["properties"]))
                   for r in s["properties"]["stages"]["items"]["anyOf"]}
-    assert stage_defs == {"rank_neurons", "drop_layers", "slice_embeddings", "rescale_norms"}
+    assert stage_defs == {"rank_neurons", "drop_layers", "rotate_hidden", "heal", "slice_embeddings", "rescale_norms"}
     assert s["additionalProperties"] is False and s["$defs"]["Target"]["additionalProperties"] is False
     with pytest.raises(RecipeError, match="hidden_sise"):
         shrinkit.load_recipe({"target": {"hidden_sise": 3}})

@@ -58,6 +58,11 @@ class Block:
     head: str | None = None         # output head, relative to the model
     causal: bool = True
     attn: str = "sdpa"        # transformers attention implementation the blocks run with
+    # the heal stage refits these (relative to a block; None: the family cannot be healed):
+    out_proj: str | None = None     # the attention output projection (writes into the residual stream)
+    down_proj: str | None = None    # the MLP output projection (writes into the residual stream)
+    # post-norm blocks: the norm whose input is the residual stream (its output is the block's)
+    residual_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class Family:
     # model types whose transformers config requires hidden_size % num_attention_heads == 0
     heads_divide_hidden: tuple[str, ...] = ()
     block: Block | None = None           # None: no calibration or verification for this family
+    # rotate_hidden: norm scale tensor -> the tensors that read that norm's output (name suffixes,
+    # within one layer, or global); empty: the family cannot be rotated
+    norm_readers: dict = field(default_factory=dict)
     # README "Supported families" row: what is special about this family (tests check the table)
     notes: str = ""
     extra: dict = field(default_factory=dict)

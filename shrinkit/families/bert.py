@@ -58,7 +58,8 @@ ENCODER_KEYS = {
     "vocab_size": "vocab_size",
 }
 ENCODER_BLOCK = Block("AutoModel", "", "encoder.layer",
-                      observe={S.Q_HEADS: "attention.output.dense", S.FFN: "output.dense"}, causal=False)
+                      observe={S.Q_HEADS: "attention.output.dense", S.FFN: "output.dense"}, causal=False,
+                      out_proj="attention.output.dense", down_proj="output.dense", residual_norm="output.LayerNorm")
 
 bert = Encoder(
     name="bert",

@@ -58,6 +58,7 @@ distilbert = Encoder(
     tie_default=True,
     head_dim_from_hidden=True,
     block=Block("AutoModel", "", "transformer.layer",
-                observe={S.Q_HEADS: "attention.out_lin", S.FFN: "ffn.lin2"}, causal=False),
+                observe={S.Q_HEADS: "attention.out_lin", S.FFN: "ffn.lin2"}, causal=False,
+                out_proj="attention.out_lin", down_proj="ffn.lin2", residual_norm="output_layer_norm"),
     notes="DistilBertModel, DistilBertForMaskedLM, ...ForSequenceClassification; keys dim, hidden_dim, n_heads, n_layers",
 )

@@ -57,6 +57,7 @@ gpt2 = GPT2(
     ffn_default_factor=4,
     block=Block("AutoModelForCausalLM", "transformer", "h",
                 observe={S.Q_HEADS: "attn.c_proj", S.FFN: "mlp.c_proj"}, in_first=True,
-                final_norm="ln_f", head="lm_head", causal=True),
+                final_norm="ln_f", head="lm_head", causal=True,
+                out_proj="attn.c_proj", down_proj="mlp.c_proj"),
     notes="Conv1D weights stored [in, out], fused c_attn, tied head, `n_inner` may be null",
 )

@@ -54,6 +54,12 @@ llama = Llama(
     heads_divide_hidden=("llama",),
     block=Block("AutoModelForCausalLM", "model", "layers",
                 observe={S.Q_HEADS: "self_attn.o_proj", S.FFN: "mlp.down_proj"},
-                final_norm="norm", head="lm_head", causal=True),
+                final_norm="norm", head="lm_head", causal=True,
+                out_proj="self_attn.o_proj", down_proj="mlp.down_proj"),
+    norm_readers={
+        "input_layernorm.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "post_attention_layernorm.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        "norm.weight": ("lm_head.weight",),
+    },
     notes="RMSNorm, GQA, qkv biases (Qwen2), q/k norms (Qwen3), tied or untied head",
 )

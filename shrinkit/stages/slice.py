@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator
 
 import torch
 
+from ..families.spaces import Space
 from ..plan import ChildTensor, Index, Plan
 
 # Child rows are produced in blocks of at most about this size, counting the rows gathered from
@@ -31,10 +34,35 @@ def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) 
     return t.contiguous()
 
 
+def _rotated(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) -> torch.Tensor:
+    """rotate_hidden: the other axes cut as usual, then the hidden axis projected onto the plan's
+    basis (after folding in the scale of the norm the tensor reads, for readers). A norm's own
+    scale is folded into its readers; the child's norm is sqrt(D / d) (the RMS over d of the
+    projected residual is sqrt(D / d) times the parent's RMS over D, when the d directions keep it)."""
+    Q = plan.rotation
+    D, d = Q.shape
+    if ct.norm:
+        return torch.full(ct.shape, math.sqrt(D / d), dtype=torch.float32).to(ct.dtype)
+    ax = ct.rule.axes.index(Space.HIDDEN)
+    x = _cut(plan, dataclasses.replace(ct, dtype=torch.float32), t, idx)
+    g = plan.folds.get(ct.name)
+    if g is not None:
+        x = x * g.view([-1 if i == ax else 1 for i in range(x.dim())])
+    x = torch.tensordot(x, Q, dims=([ax], [0])).movedim(-1, ax)
+    return x.to(ct.dtype).contiguous()
+
+
 def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The child tensor as consecutive row blocks (row-major order), so that memory holds one
     block of a few MB however large the tensor is."""
     idx = [plan.axis_index(a, ct.layer, s, ct.expert) for a, s in zip(ct.rule.axes, t.shape)]
+    if plan.rotation is not None and Space.HIDDEN in ct.rule.axes:
+        # a projected tensor mixes all parent rows of its hidden axis: made whole, then yielded in blocks
+        x = _rotated(plan, ct, t, idx)
+        step = max(1, BLOCK_BYTES // max(1, x[0].numel() * x.element_size())) if x.dim() > 1 else len(x)
+        for r0 in range(0, len(x), step):
+            yield x[r0:r0 + step]
+        return
     nbytes = ct.nbytes
     if t.dim() < 2 or nbytes <= BLOCK_BYTES:
         yield _cut(plan, ct, t, idx)

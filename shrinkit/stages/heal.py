@@ -1,0 +1,327 @@
+"""heal: refit the cut blocks' output projections by least squares, so the child's blocks land
+on the parent's activations instead of leaving all of the recovery to training.
+
+Parent and child run together, one block at a time, over the calibration tokens; the child
+runs on its own (already healed) residual stream. For child layer k (parent layer p_k, the next
+kept parent layer p_{k+1}):
+
+- the attention output projection is refitted so that the child's attention output matches the
+  parent's attention output of layer p_k, on the kept hidden dims;
+- the MLP output projection is refitted so that the child's residual after the block lands on
+  the parent's residual where p_{k+1} reads it (for the last kept layer: where the final norm
+  reads it), on the kept hidden dims. This absorbs the dropped layers and the error accumulated
+  so far. Post-norm families (the family's block description names the norm whose input is the
+  residual) match that norm's input: the input which, normalized by the child's own norm, gives
+  the parent's output, taken at the per-token mean and spread of the child's current input.
+
+Each token is weighted by 1 / RMS of the parent's residual at that point (massive-activation
+tokens would otherwise dominate). The fit is ridge regression towards the selected weights:
+min ||X W - Y||^2 + lambda ||W - W0||^2 with lambda = alpha x the mean diagonal of X^T X, so a
+child that already reproduces the parent is left as it is (the fit is exact). Biases are fitted
+too where the projection has one.
+
+Memory: one parent block and one child block at a time, the Gram matrix (in x in, float64) and
+cross term (in x out) of the projection being fitted, and two activation buffers (the parent's
+and the child's residual streams) in scratch-file mappings. The fitted tensors go to a scratch safetensors file in the output's
+temporary folder, one per child layer; the writer takes them instead of slicing the parent's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.reader import Checkpoint
+from ..errors import RecipeError
+from ..families.spaces import Space
+from ..plan import Plan
+from .slice import slice_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ChildView:
+    """The planned child as a read-only checkpoint (config, tensors, get) whose tensors are sliced
+    from the parent on demand (in the child's dtype, as the writer would write them), or taken
+    from the healed replacements."""
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan):
+        self.parent = ckpt
+        self.plan = plan
+        self.config = plan.child_config(ckpt.config)
+        self.cts = {c.name: c for c in plan.child_tensors(ckpt)}
+        self.tensors = {n: _Info(c.shape, c.dtype) for n, c in self.cts.items()}
+        self.root = ckpt.root
+
+    def get(self, name: str) -> torch.Tensor:
+        rep = self.plan.replaced.get(name)
+        if rep is not None:
+            return load_replacement(rep, name)
+        ct = self.cts[name]
+        blocks = slice_blocks(self.plan, ct, self.parent.get(ct.parent.name))
+        if not ct.shape:
+            return next(blocks).clone()
+        out = torch.empty(ct.shape, dtype=ct.dtype)  # filled block by block: one copy in memory
+        r0 = 0
+        for part in blocks:
+            out[r0:r0 + len(part)] = part
+            r0 += len(part)
+        return out
+
+
+def load_replacement(path: str | Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _rms_weight(x: torch.Tensor, on: bool) -> torch.Tensor:
+    """Per-token weight (the square root of the weight on the squared error): 1 / RMS of x."""
+    if not on:
+        return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+    return torch.rsqrt(x.pow(2).mean(-1).clamp_min(1e-12))
+
+
+class Fit:
+    """The ridge fit of one linear map y = x W (+ b) (W as [in, out]) as a correction Delta to its
+    current weights W0: min ||X (W0 + Delta) - Y||^2 + lambda ||Delta||^2 over weighted token rows.
+    Accumulates G = X^T X and E = X^T (Y - X W0) (float32, in x in and in x out), and the
+    current error e0 = ||Y - X W0||^2 measured directly. A child that already fits has E = 0, so
+    Delta = 0 exactly."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, device):
+        k = n_in + (1 if bias else 0)
+        self.bias = bias
+        self.G = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.E = torch.zeros(k, n_out, dtype=torch.float32, device=device)
+        self.e0 = 0.0    # sum of w^2 |y - x W0|^2
+        self.ref = 0.0   # sum of w^2 |ref|^2: what the relative error is relative to
+
+    def add(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> None:
+        """x: the map's input rows, r: target minus current output, w: per-token weights."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        w = w.reshape(-1, 1).float()
+        rw = r.reshape(-1, r.shape[-1]).float() * w
+        xw = x * w
+        if self.bias:
+            xw = torch.cat([xw, w], 1)
+        self.G.addmm_(xw.T, xw)
+        self.E.addmm_(xw.T, rw)
+        self.e0 += float(rw.double().pow(2).sum())
+        self.ref += float((ref.reshape(-1, ref.shape[-1]).double() * w.double()).pow(2).sum())
+
+    def solve(self, alpha: float) -> tuple[torch.Tensor, float, float]:
+        """(Delta [in (+1), out], relative error before, after). lambda = alpha * mean diag(G).
+        G is factorized in place (it is not needed afterwards)."""
+        lam = max(alpha * float(self.G.diagonal().mean()), 1e-12)
+        A = self.G
+        A.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+        if int(info) != 0:  # pragma: no cover - A is positive definite
+            raise RuntimeError("heal: the Gram matrix is not positive definite")
+        D = torch.cholesky_solve(self.E, L)
+        # ||X (W0 + D) - Y||^2 = e0 - 2 <D, E> + <D, G D>, and G D = E - lambda D at the solution
+        after = self.e0 - float((D.double() * self.E.double()).sum()) - lam * float(D.double().pow(2).sum())
+        self.G = self.E = None
+        ref = max(self.ref, 1e-300)
+        return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
+
+
+def _fit_for(mod: torch.nn.Module, in_first: bool) -> Fit:
+    """A Fit for a linear layer (GPT-2's Conv1D stores its weight as [in, out]), bias included."""
+    n_in, n_out = mod.weight.shape if in_first else mod.weight.shape[::-1]
+    return Fit(n_in, n_out, mod.bias is not None, mod.weight.device)
+
+
+def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
+    """W0 + Delta (Delta as [in (+1 bias row), out]) into a linear layer, as float32."""
+    bias = mod.bias is not None
+    d, db = (D[:-1], D[-1]) if bias else (D, None)
+    w = mod.weight.float() + (d if in_first else d.T)
+    mod._parameters["weight"] = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+    if bias:
+        mod._parameters["bias"] = torch.nn.Parameter(mod.bias.float() + db, requires_grad=False)
+
+
+def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "cpu", tokenizer=None,
+         scratch: str | Path | None = None, progress=None) -> dict:
+    """Refit every child layer's attention and MLP output projections; record the fitted tensors
+    in plan.replaced (name -> scratch safetensors file) and return the per-layer report."""
+    from safetensors.torch import save_file
+
+    from ..calibrate import BlockModel, calibration_tokens
+
+    spec = stage.calibration
+    ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
+    fam = plan.family
+    if fam.block is None or not (fam.block.out_proj and fam.block.down_proj):
+        raise RecipeError(f"heal does not support the {fam.name} family yet (its block description names no "
+                          "output projections); remove the heal stage")
+    pm = BlockModel(ckpt, fam, device, scratch)
+    view = ChildView(ckpt, plan)
+    cm = BlockModel(view, fam, device, scratch)
+    ad = pm.ad
+    weighted = stage.weight == "rms"
+    hidden = plan.kept.get((Space.HIDDEN, None))
+    if plan.rotation is not None:  # the child's residual is the parent's projected onto the kept directions
+        kept = lambda t, Q=plan.rotation.to(pm.device): t @ Q  # noqa: E731
+    elif hidden is None:
+        kept = lambda t: t  # noqa: E731
+    else:
+        kept = lambda t, ix=hidden.to(pm.device): t.index_select(-1, ix)  # noqa: E731
+    if progress is not None:
+        progress.phase(f"heal ({spec.samples}x{spec.seq_len} tokens)",
+                       sum(pm._layer_bytes(i) for i in range(len(pm.layers))))
+    hp = pm.embed(ids, spec.batch_size)
+    hc = cm.embed(ids, spec.batch_size)
+    post = ad.residual_norm  # post-norm families: the residual is this norm's input
+    step = min(pm.micro(spec.batch_size, ids.shape[1]), cm.micro(spec.batch_size, ids.shape[1]))
+    nl = len(pm.layers)
+    layers = list(plan.layers)
+    report = []
+    folder = Path(scratch) if scratch is not None else Path(".")
+    dev = pm.device
+
+    def run_parent(i: int, on_chunk=None) -> None:
+        """Parent layer i over all tokens, in place in hp."""
+        layer = pm.layers[i]
+        pm.load(layer)
+        cap: dict = {}
+        hooks = []
+        if on_chunk is not None:
+            hooks.append(layer.get_submodule(ad.out_proj).register_forward_hook(
+                lambda m, a, out: cap.__setitem__("attn", out)))
+        try:
+            with torch.no_grad():
+                for s in range(0, len(hp), step):
+                    x = hp[s:s + step].to(dev)
+                    y = pm.layer_call(layer, x)
+                    if on_chunk is not None:
+                        on_chunk(s, x, cap["attn"])
+                    hp[s:s + step] = y.float().cpu()
+        finally:
+            for h in hooks:
+                h.remove()
+            pm.free(layer)
+        if progress is not None:
+            progress.advance(pm._layer_bytes(i))
+
+    def child_pass(layer, fit_down: Fit | None = None, update=False):
+        cap: dict = {}
+        d = layer.get_submodule(ad.down_proj)
+        hooks = [d.register_forward_pre_hook(lambda m, a: cap.__setitem__("d_in", a[0]))]
+        if post:
+            hooks.append(layer.get_submodule(post).register_forward_pre_hook(
+                lambda m, a: cap.__setitem__("pre", a[0])))
+        try:
+            with torch.no_grad():
+                for s in range(0, len(hc), step):
+                    x = hc[s:s + step].to(dev)
+                    y = cm.layer_call(layer, x)
+                    if fit_down is not None:
+                        target = kept(hp[s:s + step].to(dev))
+                        res = y
+                        if post:  # the norm's input that gives the parent's output, near the child's own
+                            res = cap["pre"]
+                            target = _unnorm(layer.get_submodule(post), target, res)
+                        w = _rms_weight(target if post else hp[s:s + step].to(dev), weighted)
+                        fit_down.add(cap["d_in"], target - res, w, ref=target)
+                    if update:
+                        hc[s:s + step] = y.float().cpu()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    replaced = {}
+    nxt = 0  # next parent layer to run
+    for k, p in enumerate(layers):
+        while nxt < p:  # dropped parent layers before this kept one
+            run_parent(nxt)
+            nxt += 1
+        clayer = cm.layers[k]
+        cm.load(clayer)
+        o = clayer.get_submodule(ad.out_proj)
+        d = clayer.get_submodule(ad.down_proj)
+        fo, fd = _fit_for(o, ad.in_first), _fit_for(d, ad.in_first)
+
+        # 1. parent layer p (its attention output is the target) and the child's layer k, chunk by
+        # chunk together: the child's attention output projection input against the parent's output
+        def parent_chunk(s, x, attn):
+            with torch.no_grad():
+                cap: dict = {}
+                hk = [o.register_forward_pre_hook(lambda m, a: cap.__setitem__("z", a[0])),
+                      o.register_forward_hook(lambda m, a, out: cap.__setitem__("out", out))]
+                try:
+                    cm.layer_call(clayer, hc[s:s + step].to(dev))
+                finally:
+                    for h in hk:
+                        h.remove()
+                target = kept(attn)
+                fo.add(cap["z"], target - cap["out"], _rms_weight(x, weighted), ref=target)
+
+        run_parent(p, parent_chunk)
+        nxt = p + 1
+        D, *e_o = fo.solve(stage.alpha)
+        _apply(o, D, ad.in_first)
+
+        # 2. the parent on to where the next kept layer reads (or to the final norm)
+        until = layers[k + 1] if k + 1 < len(layers) else nl
+        while nxt < until:
+            run_parent(nxt)
+            nxt += 1
+
+        # 3. the MLP output projection: the child's residual onto the parent's
+        child_pass(clayer, fit_down=fd)
+        D, *e_d = fd.solve(stage.alpha)
+        _apply(d, D, ad.in_first)
+        del D
+
+        # 4. the child's stream through the healed block
+        child_pass(clayer, update=True)
+        tensors = {}
+        prefix = cm._full(clayer)
+        for mod_path, mod in ((ad.out_proj, o), (ad.down_proj, d)):
+            for pname in ("weight", "bias"):
+                t = getattr(mod, pname, None)
+                if t is None:
+                    continue
+                key = cm._index[f"{prefix}.{mod_path}.{pname}"]
+                tensors[key] = t.detach().float().cpu().contiguous()
+        path = folder / f".shrinkit-heal-{k}.safetensors"
+        save_file(tensors, str(path))
+        for key in tensors:
+            replaced[key] = path
+        cm.free(clayer)
+        report.append({"layer": k, "parent_layer": p,
+                       "attn_rel_err": [round(e_o[0], 6), round(e_o[1], 6)],
+                       "residual_rel_err": [round(e_d[0], 6), round(e_d[1], 6)]})
+    while nxt < nl:  # pragma: no cover - the last kept layer already ran the parent to the end
+        run_parent(nxt)
+        nxt += 1
+    plan.replaced.update(replaced)
+    return {"alpha": stage.alpha, "weight": stage.weight, "calibration": spec.model_dump(), "layers": report}
+
+
+def _unnorm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm input z* with norm(z*) = y, at the per-token mean and spread of z (the
+    child's own pre-norm residual): z* = mean(z) + std(z) * (y - bias) / weight. Exact whenever
+    y is a LayerNorm output of that norm; where a weight is ~0 that dim keeps z."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+    g = norm.weight.float()
+    b = norm.bias.float() if getattr(norm, "bias", None) is not None else torch.zeros_like(g)
+    mu = z.mean(-1, keepdim=True)
+    sd = torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
+    ok = g.abs() > 1e-6
+    u = (y - b) / torch.where(ok, g, torch.ones_like(g))
+    return torch.where(ok, mu + sd * u, z)

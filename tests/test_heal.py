@@ -1,0 +1,156 @@
+"""heal: the least-squares refit of the kept blocks' output projections.
+
+Exactness: a child that already reproduces the parent (nothing cut, or a planted parent whose
+dead parts are cut) is left as it is. Usefulness: on a live cut the per-layer errors drop.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import planted
+from helpers import logits, recipe, run, tokens
+from planted import rel_err
+from shrinkit.errors import RecipeError
+
+CALIB = {"data": "random_tokens", "samples": 8, "seq_len": 32, "batch_size": 4}
+RANK = {"rank_neurons": {"method": "activation", "calibration": CALIB}}
+HEAL = {"heal": {"calibration": CALIB}}
+LLAMA_CUT = dict(hidden_size=48, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3)
+
+
+def make(kind, tmp_path):
+    if kind == "llama":
+        return planted.llama_like(tmp_path / kind), LLAMA_CUT, "AutoModelForCausalLM"
+    if kind == "qwen2":  # tied head, q/k/v biases
+        return (planted.llama_like(tmp_path / kind, "qwen2", tie=True, attention_bias=True), LLAMA_CUT,
+                "AutoModelForCausalLM")
+    if kind == "gpt2":
+        return planted.gpt2(tmp_path / kind), dict(intermediate_size=224, num_hidden_layers=3), "AutoModelForCausalLM"
+    if kind == "distilbert":  # post-LayerNorm, its own module names (out_lin, lin2, output_layer_norm)
+        return planted.encoder(tmp_path / kind, kind, mlm=False), dict(intermediate_size=96, num_hidden_layers=3), "AutoModel"
+    return planted.bert(tmp_path / kind, mlm=False), dict(intermediate_size=96, num_hidden_layers=3), "AutoModel"
+
+
+def heal_report(res) -> list[dict]:
+    return next(s for s in res.report["stages"] if s["stage"] == "heal")["layers"]
+
+
+def weights(path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_identity_child_is_unchanged(tmp_path, kind):
+    """Nothing cut: the fit is exact, every tensor stays (to float64 solve precision) the parent's."""
+    pl, _, cls = make(kind, tmp_path)
+    res = run(pl.path, tmp_path / "child", stages=[RANK, HEAL, {"slice_embeddings": {}}])
+    rep = heal_report(res)
+    assert len(rep) == 4
+    for layer in rep:
+        assert layer["attn_rel_err"] == [0.0, 0.0] and layer["residual_rel_err"] == [0.0, 0.0], layer
+    parent, child = weights(pl.path), weights(tmp_path / "child")
+    assert parent.keys() >= child.keys()
+    for k, v in child.items():
+        assert (v - parent[k]).abs().max() <= 1e-5 * max(1.0, float(parent[k].abs().max())), k
+    ids = tokens(96)
+    assert rel_err(logits(tmp_path / "child", ids, cls), logits(pl.path, ids, cls)) < 1e-5
+    assert not [p for p in (tmp_path / "child").iterdir() if "heal" in p.name]  # scratch files gone
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "bert", "distilbert"])
+def test_planted_parent_stays_exact(tmp_path, kind):
+    """Dead hidden dims, neurons, KV groups and a dead layer cut: heal keeps the exact child exact;
+    a live layer dropped instead (negative control): heal lowers the error but the child differs."""
+    pl, target, cls = make(kind, tmp_path)
+    keep = [i for i in range(4) if i not in pl.dead_layers]
+    res = run(pl.path, tmp_path / "child", target=target,
+              stages=[RANK, {"drop_layers": {"keep": keep}}, HEAL, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    assert res.report["kept"]["layers"] == keep
+    for layer in heal_report(res):
+        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-6, layer
+    ids = tokens(96)
+    ref = logits(pl.path, ids, cls)
+    assert rel_err(logits(tmp_path / "child", ids, cls), ref) < 1e-4
+
+    assert 3 not in pl.dead_layers
+    live = [0, 1, 2]  # drops the live layer 3
+    res = run(pl.path, tmp_path / "neg", target=target,
+              stages=[RANK, {"drop_layers": {"keep": live}}, HEAL, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    last = heal_report(res)[-1]
+    assert last["residual_rel_err"][0] > 1e-2 and last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    assert rel_err(logits(tmp_path / "neg", ids, cls), ref) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_heal_lowers_every_error_on_a_live_cut(tmp_path, kind):
+    """A random (unplanted) parent cut in width and depth: each layer's attention and residual
+    errors go down on the calibration tokens. (A random tiny model's logits on other tokens
+    need not follow: the real-model test in test_real.py checks held-out outputs.)"""
+    import transformers
+
+    pl, target, cls = make(kind, tmp_path)
+    target = dict(target, num_hidden_layers=2)
+    if kind == "llama":  # no dead parts at all
+        pl = planted.llama_like(tmp_path / "live", dead_hidden=0, dead_ffn=0, dead_kv=0, dead_layers=())
+    stages = [RANK, {"drop_layers": {"strategy": "middle"}}, {"slice_embeddings": {}}, {"rescale_norms": {}}]
+    run(pl.path, tmp_path / "plain", target=target, stages=stages)
+    res = run(pl.path, tmp_path / "healed", target=target, stages=stages[:2] + [HEAL] + stages[2:])
+    for layer in heal_report(res):
+        for key in ("attn_rel_err", "residual_rel_err"):
+            before, after = layer[key]
+            assert after <= before + 1e-9, layer
+        assert layer["residual_rel_err"][1] < layer["residual_rel_err"][0]
+    if kind == "gpt2":  # Conv1D [in, out] weights and their biases are refitted too
+        a, b = weights(tmp_path / "plain"), weights(tmp_path / "healed")
+        bias = next(k for k in a if k.endswith("h.1.mlp.c_proj.bias"))
+        assert not torch.equal(a[bias], b[bias])
+        w = bias.replace("bias", "weight")
+        assert a[w].shape == b[w].shape == (224, 64)
+    transformers.AutoConfig.from_pretrained(tmp_path / "healed")
+
+
+def test_heal_when_auto_skips_an_uncut_child(tmp_path):
+    pl = planted.llama_like(tmp_path / "p")
+    res = run(pl.path, tmp_path / "c", stages=[{"heal": {"when": "auto", "calibration": CALIB}}, {"slice_embeddings": {}}])
+    st = next(s for s in res.report["stages"] if s["stage"] == "heal")
+    assert st["skipped"] == "no layer is dropped (when: auto)"
+    rep = json.loads((tmp_path / "c" / "shrinkit_report.json").read_text())
+    assert rep["stages"][0]["stage"] == "heal"
+
+
+@pytest.mark.parametrize("stages,msg", [
+    ([{"slice_embeddings": {}}, {"heal": {}}], "heal must come before slice_embeddings"),
+    ([{"heal": {}}, {"rank_neurons": {}}, {"slice_embeddings": {}}], "rank_neurons must come before heal"),
+    ([{"heal": {"alpha": 0}}, {"slice_embeddings": {}}], "greater than 0"),
+    ([{"heal": {"weight": "abs"}}, {"slice_embeddings": {}}], "weight"),
+])
+def test_heal_recipe_errors(stages, msg):
+    with pytest.raises((RecipeError, ValueError)) as e:
+        recipe(stages=stages)
+    assert msg in str(e.value)
+
+
+def test_default_pipeline_heals_only_when_layers_drop(tmp_path):
+    """The default pipeline has `heal: {when: auto}`: it heals a child that drops layers when
+    calibration text can be formed, and says why when it does not."""
+    from shrinkit.recipe import Recipe
+
+    assert {"heal": {"when": "auto"}} in Recipe().stages
+    pl = planted.llama_like(tmp_path / "p")
+    res = run(pl.path, tmp_path / "a", target=dict(num_hidden_layers=3),
+              stages=[{"drop_layers": {"keep": [0, 1, 3]}}, {"heal": {"when": "auto"}}, {"slice_embeddings": {}}])
+    assert heal_stage(res)["skipped"] == "no tokenizer for the calibration text (when: auto)"
+    res = run(pl.path, tmp_path / "b", target=dict(num_hidden_layers=3),
+              stages=[{"drop_layers": {"keep": [0, 1, 3]}}, {"heal": {"when": "auto", "calibration": CALIB}},
+                      {"slice_embeddings": {}}])
+    assert len(heal_stage(res)["layers"]) == 3
+    res = run(pl.path, tmp_path / "c", target=dict(intermediate_size=64),
+              stages=[RANK, {"heal": {"when": "auto", "calibration": CALIB}}, {"slice_embeddings": {}}])
+    assert heal_stage(res)["skipped"] == "no layer is dropped (when: auto)"
+
+
+def heal_stage(res) -> dict:
+    return next(s for s in res.report["stages"] if s["stage"] == "heal")
