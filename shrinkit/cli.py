@@ -35,11 +35,16 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     bounded()
 
 
+def _one_line(x) -> str:
+    """Errors are one line: a message that carries a newline (a YAML parser's) is joined."""
+    return " ".join(ln.strip() for ln in str(x).splitlines() if ln.strip())
+
+
 def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exc()
     if isinstance(e, ShrinkitError):
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(e.exit_code)
     if isinstance(e, Terminated):
         typer.echo("terminated (SIGTERM); nothing was written", err=True)
@@ -51,9 +56,10 @@ def _fail(e: BaseException, debug: bool) -> None:
         typer.echo("error: out of memory; free memory or use a machine with more", err=True)
         raise typer.Exit(1)
     if isinstance(e, OSError):
-        typer.echo(f"error: {e.strerror or e} ({e.filename or ''}); nothing was written", err=True)
+        typer.echo(f"error: {_one_line(e.strerror or e)} ({e.filename or ''}); nothing was written", err=True)
         raise typer.Exit(1)
-    typer.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+    typer.echo(f"error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+               err=True)
     raise typer.Exit(1)
 
 

@@ -280,7 +280,8 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"recipe {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise RecipeError(f"recipe {p} is not valid YAML{where}: {problem}") from None
     except (RecursionError, TooDeep):
         raise RecipeError(f"recipe {p} is nested more than {MAX_DEPTH} levels deep; a recipe is a short YAML file") from None
     return recipe_from_dict({} if data is None else data, name=p.stem, source=f"recipe {p}")
