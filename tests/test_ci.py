@@ -116,3 +116,38 @@ def test_skip_if_current(tmp_path, parent, write_recipe):
     (out / "shrinkit_report.json").write_text(json.dumps(rep))
     r = cli("subclone", parent, "-r", rec2, "-o", out, "--no-verify", "-q", "--skip-if-current", "--force")
     assert r.exit_code == 0 and r.stdout.startswith("wrote ")
+
+
+def test_readme_ci_job_runs(tmp_path, parent, write_recipe, monkeypatch):
+    """The README's GitHub Actions job parses, and its key and gate steps work on a real --json result."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "student-init" in b)
+    steps = {s.get("name", s.get("uses", "")): s for s in yaml.safe_load(block)["jobs"]["student"]["steps"]}
+    cut, gate = steps["Cut the student (skipped when student/ is current)"]["run"], steps["Gate"]["run"]
+    assert "--skip-if-current --json" in cut and "--force" in cut
+
+    rec = write_recipe({**HALF, "verify": {"data": "random_tokens", "samples": 2, "seq_len": 16}})
+    r = cli("subclone", parent, "-r", rec, "--out", tmp_path / "student", "--force", "--skip-if-current", "--json")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "result.json").write_text(r.stdout)
+    key_line = cut.splitlines()[1].split(" >> ")[0]
+    out = subprocess.run(["bash", "-c", key_line], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    j = json.loads(r.stdout)
+    assert out.strip() == f"key=student-{j['parent_hash'][:16]}-{j['recipe_hash'][:16]}"
+    script = gate.split("<<'EOF'\n", 1)[1].rsplit("EOF", 1)[0]
+    assert j["verify"]["kind"] == "causal_lm" and "perplexity" in j["verify"]["random_init"]  # the keys it reads
+    j["verify"] = {"kind": "causal_lm", "child": {"perplexity": 70.0}, "random_init": {"perplexity": 80.0}}
+    (tmp_path / "result.json").write_text(json.dumps(j))
+    ok = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    # negative control: a student no better than random fails the gate
+    j["verify"] = {"kind": "causal_lm", "child": {"perplexity": 90.0}, "random_init": {"perplexity": 80.0}}
+    (tmp_path / "result.json").write_text(json.dumps(j))
+    bad = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 1 and "no better than random" in bad.stderr
