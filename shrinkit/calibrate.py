@@ -199,11 +199,12 @@ class BlockModel:
 
         if isinstance(family, str):
             family = next(f for f in FAMILIES if f.name == family)
-        if family.block is None:
+        block = family.block_for(ckpt.config)
+        if block is None:
             raise ParentError(f"calibration does not support the {family.name} family yet; use method: magnitude")
         self.ckpt = ckpt
         self.family = family
-        self.ad = family.block
+        self.ad = block
         self.device = torch.device(device)
         self.scratch = scratch
         self._bufs: dict = {}  # reused float32 cast buffers of the streamed linear layers
@@ -232,18 +233,26 @@ class BlockModel:
                 s = ".".join(parts[i:])
                 by_suffix[s] = None if s in by_suffix and by_suffix[s] != k else k
         out = {}
+        self._chunks: dict[str, tuple[int, int]] = {}
         for n, _ in self.model.named_parameters():
-            if n in self.ckpt.tensors:
-                out[n] = n
+            stored = self.family.checkpoint_name(n)
+            if stored is not None:  # the family stores this parameter under another name
+                name, chunk = stored
+                if chunk is not None:
+                    self._chunks[n] = chunk
+            else:
+                name = n
+            if name in self.ckpt.tensors:
+                out[n] = name
                 continue
-            parts = n.split(".")
+            parts = name.split(".")
             for i in range(1, len(parts) - 1):
                 k = by_suffix.get(".".join(parts[i:]))
                 if k:
                     out[n] = k
                     break
             else:
-                k = by_suffix.get(n)
+                k = by_suffix.get(name)
                 if k:
                     out[n] = k
         return out
@@ -281,6 +290,12 @@ class BlockModel:
                 if key is None:
                     raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
                 value = self.ckpt.get(key)
+                if full in self._chunks:  # one part of a fused stored tensor
+                    part, parts = self._chunks[full]
+                    if value.shape[0] % parts:
+                        raise ParentError(f"{key} has {value.shape[0]} rows, not {parts} equal parts")
+                    n = value.shape[0] // parts
+                    value = value[part * n:(part + 1) * n]
                 if tuple(value.shape) != tuple(p.shape):
                     raise ParentError(f"{key} has shape {list(value.shape)}, but the config makes {full} "
                                       f"{list(p.shape)}")
@@ -303,12 +318,13 @@ class BlockModel:
 
     # -- the three pieces of a forward pass
     def embed(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
-        """Embeddings of every sample, float32 on the CPU in a scratch-file mapping: [N, T, H]."""
+        """Embeddings of every sample (token ids or whatever inputs the family takes), float32
+        on the CPU in a scratch-file mapping: [N, T, H]."""
         mods = self.family.embedding_modules(self)
         for m in mods:  # a plain lookup needs no float32 copy of the whole table
             self.load(m, keep_dtype=self.family.embed_as_stored)
         h = None
-        step = self.micro(batch, ids.shape[1])
+        step = self.micro(batch, self.family.input_len(self.ckpt.config, ids))
         with torch.no_grad():
             for s in range(0, len(ids), step):
                 y = self.family.embed(self, ids[s:s + step].to(self.device)).float()
@@ -451,10 +467,10 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
               device: str = "cpu", tokenizer=None, scratch: str | Path | None = None) -> CalibStats:
     """Activation statistics of the parent over the calibration tokens, one block at a time.
     scratch: folder for the activations' backing file (default: the system's temporary folder)."""
-    ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
+    ids = plan.family.calibration_inputs(ckpt, spec, plan.parent, seed=seed, tokenizer=tokenizer)
     bm = BlockModel(ckpt, plan.family, device, scratch)
     if progress is not None:
-        progress.phase(f"calibrate ({spec.samples}x{spec.seq_len} tokens)",
+        progress.phase(f"calibrate ({plan.family.describe_inputs(ids)})",
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
     h = bm.embed(ids, spec.batch_size)
     obs = Observer(bm, plan.parent, len(bm.layers))

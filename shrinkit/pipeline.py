@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
     "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json",   # image processor (vision parents)
 )
 
 
@@ -324,9 +325,9 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
 
 
 def default_method(ckpt: Checkpoint, tokenizer=None) -> str:
-    """activation ranking when there is a tokenizer for the calibration text, else magnitude."""
-    from .calibrate import has_tokenizer
-    return "activation" if tokenizer or has_tokenizer(ckpt.root) else "magnitude"
+    """activation ranking when built-in calibration data can be read for the parent (a
+    tokenizer for text, an image processor config for images), else magnitude."""
+    return "activation" if family_for(ckpt.config).has_data_source(ckpt.root, tokenizer) else "magnitude"
 
 
 def resolve_device(device: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibrate import BlockModel, calibration_tokens, has_tokenizer
+from .calibrate import BlockModel
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import UsageError
 from .families import family_for
@@ -59,17 +59,19 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     ckpt = parent if isinstance(parent, Checkpoint) else open_checkpoint(parent)
     spec = spec or Calibration(samples=16, seq_len=256, batch_size=4)
     note = None
-    if spec.data == "builtin" and not tokenizer and not has_tokenizer(ckpt.root):
-        spec = spec.model_copy(update={"data": "random_tokens"})
-        note = "the parent has no tokenizer: verified on random tokens"
     fam = family_for(ckpt.config)
-    vocab = fam.dims(ckpt.config).vocab_size
-    ids = calibration_tokens(ckpt, spec, vocab, seed=seed, split="heldout", tokenizer=tokenizer)
-    bm = BlockModel(ckpt, fam.name, device, scratch)
+    if spec.data == "builtin" and not fam.has_data_source(ckpt.root, tokenizer):
+        spec = spec.model_copy(update={"data": fam.random_data})
+        note = f"the parent has no data source for builtin data: verified on {fam.random_data.replace('_', ' ')}"
+    dims = fam.dims(ckpt.config)
+    vocab = dims.vocab_size
+    ids = fam.calibration_inputs(ckpt, spec, dims, seed=seed, split="heldout", tokenizer=tokenizer)
+    bm = BlockModel(ckpt, fam, device, scratch)
     h = bm.embed(ids, spec.batch_size)
     bm.run_layers(h, spec.batch_size)
     dev = bm.device
-    out = {"data": spec.data, "samples": spec.samples, "seq_len": spec.seq_len, "tokens": ids.numel()}
+    out = {"data": spec.data, "samples": spec.samples, "seq_len": spec.seq_len, "tokens": h.shape[0] * h.shape[1],
+           "inputs": fam.describe_inputs(ids)}
     if note:
         out["note"] = note
     child = Path(child)
@@ -104,15 +106,41 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
                     out[k]["kl"] = v["kl"] / n_pos
         else:
             out["kind"] = "encoder"
-            ref = _pairwise(h.mean(1))
-            step = bm.micro(spec.batch_size, ids.shape[1])
+            ad = bm.ad
+            out["pool"] = ad.pool
+            norm, head = bm.final_norm(), bm.head()
+            for m in (norm, head):
+                if m is not None:
+                    bm.load(m)
+            step = bm.micro(spec.batch_size, h.shape[1])
+            pooled, top = [], []
+            for s in range(0, len(h), step):
+                x = h[s:s + step].to(dev)
+                x = norm(x) if norm is not None else x
+                p = _pool(x, ad.pool)
+                pooled.append(p.float().cpu())
+                if head is not None:
+                    top.append(head(p).float().argmax(-1).cpu())
+            ref = _pairwise(torch.cat(pooled))
+            ref_top = torch.cat(top) if top else None
             for k, m in models.items():
-                pooled = torch.cat([m(input_ids=ids[s:s + step].to(dev)).last_hidden_state.float().mean(1).cpu()
-                                    for s in range(0, len(ids), step)])
-                sims = _pairwise(pooled)
+                emb, preds = [], []
+                for s in range(0, len(ids), step):
+                    x = {ad.input_name: ids[s:s + step].to(dev), **ad.call_kwargs}
+                    emb.append(_pool(m.base_model(**x).last_hidden_state.float(), ad.pool).cpu())
+                    if ref_top is not None:
+                        preds.append(m(**x).logits.float().argmax(-1).cpu())
+                sims = _pairwise(torch.cat(emb))
                 out[k] = {"similarity_pearson": _pearson(sims, ref), "similarity_spearman": _spearman(sims, ref)}
+                if ref_top is not None:
+                    out[k]["top1_agreement"] = float((torch.cat(preds) == ref_top).double().mean())
     out["table"] = table(out)
     return out
+
+
+def _pool(x: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, H] -> [B, H]: the mean over positions, or the first (CLS) position."""
+    return x[:, 0] if how == "first" else x.mean(1)
 
 
 def table(v: dict) -> list[str]:
@@ -123,13 +151,20 @@ def table(v: dict) -> list[str]:
             kl = f"{r['kl']:.4f}" if "kl" in r else "0"
             rows.append(f"| {k} | {r['loss']:.4f} | {r['perplexity']:.2f} | {kl} |")
     else:
-        rows = ["| model | similarity Pearson r | similarity Spearman ρ |", "|---|---:|---:|",
-                "| parent | 1.0000 | 1.0000 |"]
+        top = "top1_agreement" in v["child"]
+        rows = ["| model | similarity Pearson r | similarity Spearman ρ |" + (" top-1 agreement |" if top else ""),
+                "|---|---:|---:|" + ("---:|" if top else ""),
+                "| parent | 1.0000 | 1.0000 |" + (" 1.0000 |" if top else "")]
         for k in ("child", "random_init"):
             r = v[k]
-            rows.append(f"| {k} | {r['similarity_pearson']:.4f} | {r['similarity_spearman']:.4f} |")
+            rows.append(f"| {k} | {r['similarity_pearson']:.4f} | {r['similarity_spearman']:.4f} |"
+                        + (f" {r['top1_agreement']:.4f} |" if top else ""))
+        if v.get("pool") == "first":
+            rows.append("")
+            rows.append("Similarities of the first-position (CLS) embeddings after the final norm.")
     rows.append("")
-    rows.append(f"Held-out data: {v['data']}, {v['samples']} x {v['seq_len']} tokens." + (f" ({v['note']})" if "note" in v else ""))
+    inputs = v.get("inputs") or f"{v['samples']} x {v['seq_len']} tokens"
+    rows.append(f"Held-out data: {v['data']}, {inputs}." + (f" ({v['note']})" if "note" in v else ""))
     return rows
 
 

@@ -316,3 +316,109 @@ BENCH_CASES: dict[str, BenchCase] = {
                     "AutoModelForMaskedLM", _real_encoder(kind), ENCODER_WIDTH_DEPTH)
     for kind in ("roberta", "xlm-roberta", "distilbert")
 }
+
+
+# ---------------------------------------------------------------- vision
+VISION_PRE = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+              "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def _dead_ffn_neurons(gen, lin_in, lin_out, F, k, fused=False):
+    """Zero k FFN neurons: their input rows and biases (both halves of a fused gate/up) and
+    their output columns."""
+    fs = _choose(gen, F, k)
+    rows = fs + [F + f for f in fs] if fused else fs
+    lin_in.weight[rows] = 0
+    lin_in.bias[rows] = 0
+    lin_out.weight[:, fs] = 0
+    return fs
+
+
+def _dead_heads(gen, q, k_, v, o, nh, hd, k):
+    hs = _choose(gen, nh, k)
+    for h in hs:
+        for lin in (q, k_, v):
+            lin.weight[h * hd:(h + 1) * hd] = 0
+            lin.bias[h * hd:(h + 1) * hd] = 0
+        o.weight[:, h * hd:(h + 1) * hd] = 0
+    return hs
+
+
+def vit(tmp: Path, *, classifier=False, dead_ffn=32, dead_heads=1, dead_layers=(2,), seed=0,
+        dtype=torch.float32) -> Planted:
+    """A ViT parent (pre-LayerNorm): dead FFN neurons and heads per layer; a dead layer has zero
+    attention and FFN outputs (weights and biases), so it is the identity."""
+    import json
+    import transformers
+
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=5, layer_norm_eps=1e-12)
+    torch.manual_seed(seed)
+    model = transformers.ViTForImageClassification(cfg) if classifier else transformers.ViTModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    core = model.vit if classifier else model
+    pl = Planted(tmp, dead_layers=list(dead_layers))
+    with torch.no_grad():
+        for li, layer in enumerate(core.layers):
+            a, m = layer.attention, layer.mlp
+            pl.dead_ffn[li] = _dead_ffn_neurons(gen, m.fc1, m.fc2, cfg.intermediate_size, dead_ffn)
+            pl.dead_q[li] = _dead_heads(gen, a.q_proj, a.k_proj, a.v_proj, a.o_proj, 4, 16, dead_heads) \
+                if dead_heads else []
+            if li in pl.dead_layers:
+                for lin in (a.o_proj, m.fc2):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+    model.to(dtype).save_pretrained(tmp)
+    (tmp / "preprocessor_config.json").write_text(json.dumps(VISION_PRE))
+    pl.config = model.config.to_dict()
+    return pl
+
+
+def dinov2(tmp: Path, *, swiglu=False, registers=0, dead_ffn=32, dead_heads=1, dead_layers=(2,), seed=0,
+           dtype=torch.float32) -> Planted:
+    """A DINOv2 parent: dead FFN neurons and heads per layer; a dead layer has both layer scales
+    zero (its weights stay random), so it is the identity."""
+    import json
+    import transformers
+
+    kw = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2 if not swiglu else 3,
+              image_size=32, patch_size=8, layer_norm_eps=1e-12, use_swiglu_ffn=swiglu)
+    if registers:
+        cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw)
+        model_cls = transformers.Dinov2WithRegistersModel
+    else:
+        cfg = transformers.Dinov2Config(**kw)
+        model_cls = transformers.Dinov2Model
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    pl = Planted(tmp, dead_layers=list(dead_layers))
+    with torch.no_grad():
+        for li, layer in enumerate(model.encoder.layer):
+            a, m = layer.attention, layer.mlp
+            if swiglu:
+                F = m.down_proj.in_features
+                fs = _choose(gen, F, dead_ffn)
+                for lin in (m.gate_proj, m.up_proj):
+                    lin.weight[fs] = 0
+                    lin.bias[fs] = 0
+                m.down_proj.weight[:, fs] = 0
+                pl.dead_ffn[li] = fs
+            else:
+                pl.dead_ffn[li] = _dead_ffn_neurons(gen, m.fc1, m.fc2, m.fc1.out_features, dead_ffn)
+            pl.dead_q[li] = _dead_heads(gen, a.q_proj, a.k_proj, a.v_proj, a.o_proj, 4, 16, dead_heads) \
+                if dead_heads else []
+            if li in pl.dead_layers:
+                layer.layer_scale1.lambda1.zero_()
+                layer.layer_scale2.lambda1.zero_()
+    model.to(dtype).save_pretrained(tmp)
+    (tmp / "preprocessor_config.json").write_text(json.dumps(VISION_PRE))
+    pl.config = model.config.to_dict()
+    return pl
+
+
+def pixels(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))

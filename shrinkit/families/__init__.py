@@ -10,14 +10,16 @@ from __future__ import annotations
 from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
+from .dinov2 import dinov2
 from .distilbert import distilbert
 from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .llama import llama
 from .phi3 import phi3
 from .roberta import roberta
+from .vit import vit
 
-FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2)
 
 
 def family_for(config: dict) -> Family:

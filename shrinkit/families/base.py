@@ -63,6 +63,12 @@ class Block:
     down_proj: str | None = None    # the MLP output projection (writes into the residual stream)
     # post-norm blocks: the norm whose input is the residual stream (its output is the block's)
     residual_norm: str | None = None
+    # non-causal models: how verification pools a sequence into one embedding ("mean" over the
+    # positions, or "first": the CLS position after final_norm), the keyword that feeds a model
+    # its inputs, and extra keywords for every child forward call
+    pool: str = "mean"
+    input_name: str = "input_ids"
+    call_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,37 @@ class Family:
         if plan.norm_factor is None:
             return t
         return self.rescale(rule, t, plan.norm_factor)
+    # ---------------------------------------------------------------- data (text tokens by default)
+    random_data = "random_tokens"   # the data kind verification falls back to without a data source
+    data_kinds = "builtin, random_tokens or a .txt/.jsonl file"
+
+    def has_data_source(self, root, tokenizer=None) -> bool:
+        """Whether built-in calibration data can be read for this parent (a tokenizer for text)."""
+        from ..calibrate import has_tokenizer
+        return bool(tokenizer) or has_tokenizer(root)
+
+    def calibration_inputs(self, ckpt, spec, dims: Dims, *, seed: int, split: str = "calib", tokenizer=None):
+        """The model inputs for calibration (split "calib") or verification ("heldout")."""
+        from ..calibrate import calibration_tokens
+        return calibration_tokens(ckpt, spec, dims.vocab_size, seed=seed, split=split, tokenizer=tokenizer)
+
+    def input_len(self, cfg: dict, inputs) -> int:
+        """Positions per sample that the blocks see (sizes the micro-batches)."""
+        return int(inputs.shape[1])
+
+    def describe_inputs(self, inputs) -> str:
+        return f"{inputs.shape[0]} x {inputs.shape[1]} tokens"
+
+    def block_for(self, cfg: dict) -> Block | None:
+        """The block description for this parent's config (a family whose architectures differ
+        in their heads or modules overrides this)."""
+        return self.block
+
+    def checkpoint_name(self, param: str) -> tuple[str, tuple[int, int] | None] | None:
+        """Where a transformers module parameter lives on disk when the names differ: (stored
+        name, or a suffix of it; (part, parts): the parameter is that chunk along axis 0 of a
+        fused stored tensor, or None). None: the names agree."""
+        return None
 
     # Calibration and verification run the parent's blocks in transformers' modules (see
     # shrinkit.calibrate.BlockModel, passed as bm: bm.model, bm.base, bm.device). These three
