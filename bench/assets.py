@@ -509,26 +509,27 @@ def write_builtin_text(dest: Path) -> Path:
 # Built-in calibration images (shrinkit/data/images/): crops of the public-domain and CC0
 # photographs that the scikit-image wheel ships in skimage/data/ (licences from its docstrings).
 SKIMAGE_WHEEL = "scikit-image==0.26.0"
-BUILTIN_IMAGES = {  # file in skimage/data/: (split, licence)
-    "astronaut.png": ("calib", "public domain (NASA)"),
-    "chelsea.png": ("calib", "CC0 (Stefan van der Walt)"),
-    "rocket.jpg": ("calib", "public domain (SpaceX)"),
-    "hubble_deep_field.jpg": ("calib", "public domain (NASA)"),
-    "brick.png": ("calib", "CC0 (CC0Textures)"),
-    "grass.png": ("calib", "CC0 (DeviantArt, linolafett)"),
-    "coins.png": ("calib", "no known copyright restrictions (Brooklyn Museum)"),
-    "clock_motion.png": ("calib", "public domain (Stefan van der Walt)"),
-    "coffee.png": ("heldout", "CC0 (Rachel Michetti)"),
-    "gravel.png": ("heldout", "CC0 (CC0Textures)"),
+BUILTIN_IMAGES = {  # file in skimage/data/: licence
+    "astronaut.png": "public domain (NASA)",
+    "chelsea.png": "CC0 (Stefan van der Walt)",
+    "rocket.jpg": "public domain (SpaceX)",
+    "hubble_deep_field.jpg": "public domain (NASA)",
+    "brick.png": "CC0 (CC0Textures)",
+    "grass.png": "CC0 (DeviantArt, linolafett)",
+    "coins.png": "no known copyright restrictions (Brooklyn Museum)",
+    "clock_motion.png": "public domain (Stefan van der Walt)",
+    "coffee.png": "CC0 (Rachel Michetti)",
+    "gravel.png": "CC0 (CC0Textures)",
 }
+BUILTIN_HELDOUT = (3, 7)  # crop numbers held out for verification (two of every photograph)
 BUILTIN_CROPS, BUILTIN_SIDE, BUILTIN_QUALITY = 8, 112, 80
 
 
 def write_builtin_images(dest: Path) -> Path:
     """(Re)create the built-in calibration images: BUILTIN_CROPS square crops of each photograph
     (the whole image's largest centered square, then random squares of 40-80% of its short side,
-    seeded), BUILTIN_SIDE pixels, JPEG. Files are named <split>-<source>-<n>.jpg; the held-out
-    sources serve verification, the others calibration."""
+    seeded), BUILTIN_SIDE pixels, JPEG. Files are named <split>-<source>-<n>.jpg: crops
+    BUILTIN_HELDOUT of every photograph serve verification ("heldout"), the others calibration."""
     import random
     import zipfile
 
@@ -547,10 +548,10 @@ def write_builtin_images(dest: Path) -> Path:
     lines = ["# Built-in calibration images", "",
              f"Square crops ({BUILTIN_SIDE} px, JPEG) of photographs that the `{SKIMAGE_WHEEL}` wheel ships in "
              "`skimage/data/`; licences as its `skimage.data` docstrings state. Files `calib-*` serve "
-             "calibration, `heldout-*` (whole photographs held out) verification.", "",
+             "calibration, `heldout-*` (two other crops of every photograph) verification.", "",
              "Regenerate with `python bench/assets.py --write-builtin-images shrinkit/data/images`.", "",
-             "| source | split | licence |", "|---|---|---|"]
-    for name, (split, licence) in BUILTIN_IMAGES.items():
+             "| source | licence |", "|---|---|"]
+    for name, licence in BUILTIN_IMAGES.items():
         im = Image.open(io.BytesIO(raw[name])).convert("RGB")
         w, h = im.size
         stem = name.rsplit(".", 1)[0]
@@ -559,8 +560,9 @@ def write_builtin_images(dest: Path) -> Path:
             x0 = (w - side) // 2 if k == 0 else rng.randrange(0, w - side + 1)
             y0 = (h - side) // 2 if k == 0 else rng.randrange(0, h - side + 1)
             crop = im.crop((x0, y0, x0 + side, y0 + side)).resize((BUILTIN_SIDE, BUILTIN_SIDE), Image.BICUBIC)
+            split = "heldout" if k in BUILTIN_HELDOUT else "calib"
             crop.save(dest / f"{split}-{stem}-{k}.jpg", quality=BUILTIN_QUALITY, optimize=True)
-        lines.append(f"| {name} | {split} | {licence} |")
+        lines.append(f"| {name} | {licence} |")
     (dest / "SOURCE.md").write_text("\n".join(lines) + "\n")
     return dest
 

@@ -5,10 +5,10 @@
 images. Images are read with PIL and preprocessed by the parent's own preprocessor_config.json
 through transformers' image processor, so the parent sees them as it was trained to.
 
-Splits: calibration uses the builtin `calib-*` images or the first 90% of a folder's files
-(sorted by name); verification (`heldout`) uses the builtin `heldout-*` images (whole
-photographs never used for calibration) or the folder's last 10% (a folder of fewer than ten
-images serves both). When a split has fewer images than `samples`, it is repeated, mirrored
+Splits: calibration uses the builtin `calib-*` images (60 crops of 10 photographs) or the first
+90% of a folder's files (sorted by name); verification (`heldout`) uses the builtin
+`heldout-*` images (20 other crops, two of every photograph) or the folder's last 10% (a
+folder of fewer than ten images serves both). When a split has fewer images than `samples`, it is repeated, mirrored
 left-right on every other pass.
 """
 
