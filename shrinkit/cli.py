@@ -234,7 +234,7 @@ def result_json(res) -> dict:
 def verify(
     parent: str = ParentArg,
     child: Path = typer.Argument(..., help="The child folder."),
-    data: str = typer.Option("builtin", "--data", help="builtin | random_tokens | PATH (.txt or .jsonl)."),
+    data: str = typer.Option("builtin", "--data", help="builtin | random_tokens | PATH (.txt or .jsonl); image parents: builtin | random_pixels | FOLDER."),
     samples: int = typer.Option(16, "--samples", min=2),
     seq_len: int = typer.Option(256, "--seq-len", min=2),
     batch_size: int = typer.Option(4, "--batch-size", min=1),

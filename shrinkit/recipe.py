@@ -68,7 +68,7 @@ MAX_SAMPLES, MAX_SEQ_LEN, MAX_BATCH = 1 << 16, 1 << 17, 1 << 12
 
 
 class Calibration(Strict):
-    data: str = Field("builtin", min_length=1, max_length=4096)  # builtin | random_tokens | PATH (.txt or .jsonl with "text")
+    data: str = Field("builtin", min_length=1, max_length=4096)  # builtin | random_tokens | PATH (.txt or .jsonl with "text"); images: builtin | random_pixels | FOLDER
     samples: PositiveInt = Field(64, le=MAX_SAMPLES)
     seq_len: PositiveInt = Field(256, le=MAX_SEQ_LEN)
     batch_size: PositiveInt = Field(8, le=MAX_BATCH)  # sequences per forward call at most (fewer for wide blocks)
