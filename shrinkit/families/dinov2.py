@@ -8,7 +8,7 @@ The FFN width is not a config key: transformers computes it from an integer `mlp
 
 from __future__ import annotations
 
-from ..errors import RecipeError
+from ..errors import ParentError, RecipeError
 from .base import Block, Dims
 from .spaces import Fused, Space as S, layer_rule, rule
 from .vision import Vision
@@ -30,10 +30,19 @@ class Dinov2(Vision):
         (r"\.mlp\.down_proj\.", ".mlp.weights_out.", None),
     )
 
+    def _with_ffn(self, cfg: dict, where: str = "config.json") -> dict:
+        ratio, hidden = cfg.get("mlp_ratio", 4), cfg.get("hidden_size")
+        if type(ratio) is not int or not 0 < ratio <= 1024:
+            raise ParentError(f"{where}: field mlp_ratio must be a positive integer, not {ratio!r}")
+        if type(hidden) is not int or hidden <= 0:
+            return cfg  # the base check names the field
+        return {**cfg, "intermediate_size": _ffn(hidden, ratio, bool(cfg.get("use_swiglu_ffn")))}
+
+    def check_config(self, cfg: dict, where: str = "config.json") -> None:
+        super().check_config(self._with_ffn(cfg, where), where)
+
     def dims(self, cfg: dict) -> Dims:
-        hidden = int(cfg.get("hidden_size", 0))
-        ffn = _ffn(hidden, float(cfg.get("mlp_ratio", 4)), bool(cfg.get("use_swiglu_ffn")))
-        return super().dims({**cfg, "intermediate_size": ffn})
+        return super().dims(self._with_ffn(cfg))
 
     def child_config(self, cfg: dict, child: Dims, kept_layers: list[int], dtype_name: str) -> dict:
         out = super().child_config(cfg, child, kept_layers, dtype_name)

@@ -18,6 +18,9 @@ class Vision(Family):
     data_kinds = "builtin, random_pixels or a folder of images"
     embed_as_stored = False  # the embeddings module (patch conv, CLS, positions) runs in float32
 
+    def check_config(self, cfg: dict, where: str = "config.json") -> None:
+        super().check_config({**cfg, "vocab_size": 1}, where)  # no vocabulary to check
+
     def dims(self, cfg: dict) -> Dims:
         return super().dims({**cfg, "vocab_size": 0})  # no vocabulary
 
@@ -25,6 +28,16 @@ class Vision(Family):
     def has_data_source(self, root, tokenizer=None) -> bool:
         from ..images import has_preprocessor
         return has_preprocessor(root)
+
+    def check_data(self, data: str) -> None:
+        import os
+
+        from ..errors import RecipeError
+        if data == "random_tokens":
+            raise RecipeError("`data: random_tokens` is for text parents; this parent takes images: " + self.data_kinds)
+        if data not in ("builtin", self.random_data) and not os.path.isdir(data):
+            what = "a file" if os.path.exists(data) else "neither builtin, random_pixels nor a folder"
+            raise RecipeError(f"calibration data {data!r} is {what}; this parent takes images: {self.data_kinds}")
 
     def calibration_inputs(self, ckpt, spec, dims, *, seed, split="calib", tokenizer=None):
         from ..images import calibration_pixels
