@@ -65,10 +65,11 @@ def current_report(out: PathLike, parent: PathLike, recipe: RecipeLike, *, confi
     hashes) by this recipe (same canonical JSON) and this shrinkit version; else None."""
     from . import __version__
     from .pipeline import parent_hash, recipe_hash
+    from .validate import MAX_CONFIG, loads, read_capped
 
     rep_path = Path(out) / "shrinkit_report.json"
     try:
-        rep = json.loads(rep_path.read_text())
+        rep = loads(read_capped(rep_path, MAX_CONFIG))
     except (OSError, ValueError):
         return None
     r = load_recipe(recipe)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .errors import RecipeError
+from .errors import ParentError, RecipeError
 
 
-def check_config(cfg: dict) -> None:
-    """Refuse a child config that transformers would reject. No-op without transformers."""
+def check_config(cfg: dict, parent: bool = False) -> None:
+    """Refuse a child config that transformers would reject (RecipeError), or with `parent`, a
+    parent config it rejects (ParentError: the parent is at fault, not the recipe). No-op
+    without transformers."""
     try:
         from transformers import AutoConfig
     except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
@@ -20,4 +22,6 @@ def check_config(cfg: dict) -> None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         msg = lines[-1] if lines else type(e).__name__
         msg = msg.removeprefix("ValueError: ")
+        if parent:
+            raise ParentError(f"transformers rejects the parent's config: {msg}; fix the parent's config.json") from None
         raise RecipeError(f"transformers rejects the child's config: {msg}; change the target") from None

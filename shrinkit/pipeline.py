@@ -78,6 +78,8 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     validation (importing transformers costs ~1-2 s, so a data-free run without verification
     skips it; tests/test_plan.py checks that both agree)."""
     fam, pdims = check_parent(ckpt)  # config by schema, every tensor's shape against it, before any work
+    if transformers_check:
+        check_config(ckpt.config, parent=True)   # a config transformers rejects as it is: the parent's fault
     solution = None
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
         from .budget import apply, solve

@@ -407,3 +407,11 @@ def test_verify_refuses_a_broken_child(tmp_path, parents, children):
     assert_failed(verify(parents["single"], c), 2, None, "child", "axis")
     shutil.rmtree(c)
     assert_failed(verify(parents["single"], c), 2, None, "child")
+
+
+def test_parent_config_transformers_rejects_is_the_parents_fault(tmp_path, copy_parent, good):
+    """A config key shrinkit does not read but transformers rejects: where transformers' check
+    runs (plan; subclone with calibration or verification), the parent is blamed (exit 3), not
+    the recipe."""
+    p = edit_config(copy_parent(), rms_norm_eps="x")
+    assert_failed(cli("plan", p, "-r", good), 3, None, "parent's config", "rms_norm_eps")
