@@ -120,6 +120,7 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
     m = t.multiple_of or DEFAULT_MULTIPLE
     drop, rank = recipe.stage("drop_layers"), recipe.stage("rank_neurons")
     from_lists = count_from_lists(drop, pdims.num_hidden_layers)
+    rotate = recipe.stage("rotate_hidden") is not None   # projects the hidden axis; a tied head is written untied
     widths_free = rank is not None
     layers_free = drop is not None and from_lists is None and t.num_hidden_layers is None
 
@@ -134,6 +135,7 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
         except RecipeError:
             return None
         plan = Plan(fam, pdims, dims, torch.float32, cast=False)
+        plan.rotate, plan.untie = rotate, rotate and fam.tied(ckpt.config)
         if drop is not None and drop.strategy != "importance":
             plan.layers = keep_layers(drop, pdims.num_hidden_layers, dims.num_hidden_layers)
         else:
@@ -160,9 +162,8 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
 
     # ---- candidate widths: (hidden, heads, kv) and the FFN that keeps the parent's ratio
     P = pdims
-    hiddens = [t.hidden_size] if t.hidden_size or not widths_free else _grid(P.hidden_size, m)
-    if not t.hidden_size and not widths_free:
-        hiddens = [P.hidden_size]
+    hiddens = [t.hidden_size] if t.hidden_size else \
+        _grid(P.hidden_size, m) if widths_free or rotate else [P.hidden_size]
     ffn_fixed = t.intermediate_size or (None if widths_free else P.intermediate_size)
     ffns_all = [ffn_fixed] if ffn_fixed else _grid(P.intermediate_size, m)
     group = max(1, P.num_attention_heads // max(1, P.num_key_value_heads))

@@ -188,3 +188,21 @@ def test_smollm2_40m(tmp_path):
     s = shrinkit.plan(parent, {"target": {"params": "40M"}})
     assert abs(s["child"]["params"] - 40e6) <= 0.01 * 40e6
     assert s["child"]["hidden_size"] % 64 == 0 and s["child"]["intermediate_size"] % 64 == 0
+
+
+def test_budget_with_rotate_hidden_counts_the_untied_head(tmp_path):
+    """rotate_hidden writes a tied head untied: the solver counts it, so the written child meets the budget."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**LLAMA, "tie_word_embeddings": True, "vocab_size": 997})
+    p = _save(tmp_path / "tied", cfg)
+    n = parent_params(p)
+    stages = [{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {"strategy": "middle"}},
+              {"rotate_hidden": {"calibration": {"data": "random_tokens", "samples": 4, "seq_len": 16}}},
+              {"slice_embeddings": {}}]
+    res = shrinkit.subclone(p, {"target": {"params": int(n * 0.6), "multiple_of": 8}, "stages": stages},
+                            out=tmp_path / "c", verify=False)
+    total, _ = written_params(res.out)
+    assert json.loads((res.out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert total == res.report["budget"]["params"]
+    assert abs(total - n * 0.6) <= 0.01 * n * 0.6
