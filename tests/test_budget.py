@@ -206,3 +206,11 @@ def test_budget_with_rotate_hidden_counts_the_untied_head(tmp_path):
     assert json.loads((res.out / "config.json").read_text())["tie_word_embeddings"] is False
     assert total == res.report["budget"]["params"]
     assert abs(total - n * 0.6) <= 0.01 * n * 0.6
+
+
+def test_budget_with_the_default_pipeline(parents):
+    """No stages given: the default pipeline (its ranking method chosen from the parent) solves too."""
+    p = parents["llama"]
+    n = parent_params(p)
+    s = shrinkit.plan(p, {"target": {"params_ratio": 0.5, "multiple_of": 8}})
+    assert abs(s["child"]["params"] - n / 2) <= 0.01 * n / 2
