@@ -225,15 +225,29 @@ class BlockModel:
         self.width = self._widest()
 
     def _key_index(self) -> dict[str, str]:
-        """Map each model parameter name to its checkpoint key (prefixes may differ)."""
+        """Map each model parameter name to its checkpoint key (prefixes may differ). A parameter
+        the checkpoint holds elsewhere or in pieces (the family's stored_as) maps to its
+        renamed key, or goes to self._pieces: its checkpoint keys, stacked and concatenated."""
         by_suffix: dict[str, str | None] = {}
         for k in self.ckpt.tensors:
             parts = k.split(".")
             for i in range(len(parts) - 1):
                 s = ".".join(parts[i:])
                 by_suffix[s] = None if s in by_suffix and by_suffix[s] != k else k
+
+        def resolve(n: str) -> str | None:
+            if n in self.ckpt.tensors:
+                return n
+            parts = n.split(".")
+            for i in range(1, len(parts) - 1):
+                k = by_suffix.get(".".join(parts[i:]))
+                if k:
+                    return k
+            return by_suffix.get(n)
+
         out = {}
         self._chunks: dict[str, tuple[int, int]] = {}
+        self._pieces: dict[str, list[list[str]]] = {}
         for n, _ in self.model.named_parameters():
             stored = self.family.checkpoint_name(n)
             if stored is not None:  # the family stores this parameter under another name
@@ -242,25 +256,28 @@ class BlockModel:
                     self._chunks[n] = chunk
             else:
                 name = n
-            if name in self.ckpt.tensors:
-                out[n] = name
-                continue
-            parts = name.split(".")
-            for i in range(1, len(parts) - 1):
-                k = by_suffix.get(".".join(parts[i:]))
-                if k:
-                    out[n] = k
-                    break
-            else:
-                k = by_suffix.get(name)
-                if k:
-                    out[n] = k
+            k = resolve(name)
+            if k is None and stored is None:
+                src = self.family.stored_as(self, n)
+                if isinstance(src, str):
+                    k = resolve(src)
+                elif src is not None:
+                    keys = [[resolve(x) for x in row] for row in src]
+                    if all(x is not None for row in keys for x in row):
+                        self._pieces[n] = keys
+            if k:
+                out[n] = k
         return out
+
+    def _keys_of(self, prefix: str) -> list[str]:
+        """The checkpoint keys of the model parameters whose names start with `prefix`."""
+        keys = [k for n, k in self._index.items() if n.startswith(prefix)]
+        return keys + [k for n, rows in self._pieces.items() if n.startswith(prefix) for row in rows for k in row]
 
     def _widest(self) -> int:
         """The widest activation per token from a block's weights: their largest dimension."""
         prefix = self._full(self.layers[0]) + "."
-        dims = [max(self.ckpt.tensors[k].shape, default=1) for n, k in self._index.items() if n.startswith(prefix)]
+        dims = [max(self.ckpt.tensors[k].shape, default=1) for k in self._keys_of(prefix)]
         return max(dims, default=1)
 
     def micro(self, batch: int, seq_len: int, width: int = 0) -> int:
@@ -287,15 +304,20 @@ class BlockModel:
                 key = self._index.get(full)
                 if key is None and self.tied and self.ad.head and full == f"{self.ad.head}.weight":
                     key = self._index.get(self._embedding_param())
-                if key is None:
+                if key is None and full in self._pieces:  # stored in pieces: assembled in float32
+                    key = self._pieces[full][0][0]
+                    value = torch.stack([torch.cat([self.ckpt.get(k).float() for k in row])
+                                         for row in self._pieces[full]])
+                elif key is None:
                     raise ParentError(f"the parent checkpoint has no tensor for {full}; it does not match its config")
-                value = self.ckpt.get(key)
-                if full in self._chunks:  # one part of a fused stored tensor
-                    part, parts = self._chunks[full]
-                    if value.shape[0] % parts:
-                        raise ParentError(f"{key} has {value.shape[0]} rows, not {parts} equal parts")
-                    n = value.shape[0] // parts
-                    value = value[part * n:(part + 1) * n]
+                else:
+                    value = self.ckpt.get(key)
+                    if full in self._chunks:  # one part of a fused stored tensor
+                        part, parts = self._chunks[full]
+                        if value.shape[0] % parts:
+                            raise ParentError(f"{key} has {value.shape[0]} rows, not {parts} equal parts")
+                        n = value.shape[0] // parts
+                        value = value[part * n:(part + 1) * n]
                 if tuple(value.shape) != tuple(p.shape):
                     raise ParentError(f"{key} has shape {list(value.shape)}, but the config makes {full} "
                                       f"{list(p.shape)}")
@@ -362,7 +384,7 @@ class BlockModel:
 
     def _layer_bytes(self, i: int) -> int:
         prefix = self._full(self.layers[i]) + "."
-        return sum(self.ckpt.tensors[k].nbytes for n, k in self._index.items() if n.startswith(prefix))
+        return sum(self.ckpt.tensors[k].nbytes for k in self._keys_of(prefix))
 
     def final_norm(self):
         return self.base.get_submodule(self.ad.final_norm) if self.ad.final_norm else None
@@ -400,9 +422,13 @@ class Observer:
         add_score(self.st.scores, space, key, v)
 
     def _modules(self, layer, path: str):
-        """(expert or None, module) for an observe path ("{expert}": every expert present)."""
+        """(expert or None, module) for an observe path ("{expert}": every expert present). A
+        path this block lacks gives nothing (blocks may differ: dense and MoE layers)."""
         if "{expert}" not in path:
-            return [(None, layer.get_submodule(path))]
+            try:
+                return [(None, layer.get_submodule(path))]
+            except AttributeError:
+                return []
         out = []
         for e in range(self.dims.num_experts or 0):
             try:

@@ -259,6 +259,9 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
                    model_type: str | None = None) -> Dims:
     """The child's shape from the recipe's target, or a RecipeError if it is impossible."""
     t = recipe.target
+    if t.intermediate_size and not parent.intermediate_size:
+        raise RecipeError(f"this {fam.name} parent has no dense FFN (every layer's FFN is experts); "
+                          "set expert_intermediate_size instead of intermediate_size")
     hidden = t.hidden_size or parent.hidden_size
     ffn = t.intermediate_size or parent.intermediate_size
     hd = parent.head_dim

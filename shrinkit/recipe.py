@@ -33,9 +33,13 @@ class Target(Strict):
     num_key_value_heads: Optional[PositiveInt] = None
     num_hidden_layers: Optional[PositiveInt] = None
     # mixture-of-experts parents only
-    num_experts: Optional[PositiveInt] = None
-    num_experts_per_tok: Optional[PositiveInt] = None
-    expert_intermediate_size: Optional[PositiveInt] = None
+    num_experts: Optional[PositiveInt] = Field(
+        None, description="experts per MoE layer: the least-used (activation: router load on calibration data; "
+                          "magnitude: smallest weights) are dropped")
+    num_experts_per_tok: Optional[PositiveInt] = Field(
+        None, description="experts each token is routed to (default: the parent's, at most num_experts)")
+    expert_intermediate_size: Optional[PositiveInt] = Field(None, description="FFN width of every routed expert")
+    shared_expert_intermediate_size: Optional[PositiveInt] = Field(None, description="FFN width of a shared expert")
     params: Optional[Count] = Field(None, description="total parameter budget: 40M, 1.3B or an integer")
     params_ratio: Optional[float] = Field(None, gt=0, le=1, description="budget as a fraction of the parent's parameters")
     non_embedding_params: Optional[Count] = Field(

@@ -30,6 +30,7 @@ class Dims:
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -37,7 +38,7 @@ class Dims:
 
 # canonical names a recipe's target may set, mapped to each family's config keys by Family.keys
 CANONICAL = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-             "num_experts", "num_experts_per_tok", "expert_intermediate_size")
+             "num_experts", "num_experts_per_tok", "expert_intermediate_size", "shared_expert_intermediate_size")
 OPTIONAL = tuple(f.name for f in fields(Dims) if f.default is None)
 
 
@@ -76,8 +77,9 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
-    # canonical name -> the family's config key (None: the family has no such key)
-    keys: dict[str, str | None]
+    # canonical name -> the family's config key (None: the family has no such key; a tuple: the
+    # first of these keys that the config has, else the first: transformers renamed some keys)
+    keys: dict[str, str | tuple[str, ...] | None]
     norm: str                        # "rms" or "layer"
     tie_default: bool                # transformers' default for tie_word_embeddings
     head_dim_from_hidden: bool = False   # head_dim = hidden / heads (GPT-2, BERT); else explicit
@@ -95,8 +97,15 @@ class Family:
     extra: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- config <-> dims
-    def _get(self, cfg: dict, canon: str):
+    def config_key(self, cfg: dict, canon: str) -> str | None:
+        """The config key holding canonical `canon` in this config (None: the family has none)."""
         key = self.keys.get(canon)
+        if isinstance(key, tuple):
+            return next((k for k in key if k in cfg), key[0])
+        return key
+
+    def _get(self, cfg: dict, canon: str):
+        key = self.config_key(cfg, canon)
         return cfg.get(key) if key else None
 
     def check_config(self, cfg: dict, where: str = "config.json") -> None:
@@ -107,7 +116,7 @@ class Family:
             ConfigCommon.model_validate(cfg)
         except ValidationError as e:
             raise ParentError(f"{where}: {field_error(e)}; fix the parent's config") from None
-        need = ", ".join(k for k in self.keys.values() if k)
+        need = ", ".join(self.config_key(cfg, c) for c in self.keys if self.keys[c])
 
         def num(key: str | None, required: bool):
             if not key:
@@ -121,13 +130,14 @@ class Family:
                 raise ParentError(f"{where}: field {key} must be a positive integer, not {v!r}")
             return v
 
-        hidden, heads = num(self.keys.get("hidden_size"), True), num(self.keys.get("num_attention_heads"), True)
-        num(self.keys.get("num_hidden_layers"), True)
-        num(self.keys.get("vocab_size"), True)
-        num(self.keys.get("intermediate_size"), not self.ffn_default_factor)
-        kv = num(self.keys.get("num_key_value_heads"), False)
+        key = lambda canon: self.config_key(cfg, canon)  # noqa: E731
+        hidden, heads = num(key("hidden_size"), True), num(key("num_attention_heads"), True)
+        num(key("num_hidden_layers"), True)
+        num(key("vocab_size"), True)
+        num(key("intermediate_size"), not self.ffn_default_factor)
+        kv = num(key("num_key_value_heads"), False)
         for canon in OPTIONAL:
-            num(self.keys.get(canon), False)
+            num(key(canon), False)
         hd = None if self.head_dim_from_hidden else num("head_dim", False)
         if kv is not None and (kv > heads or heads % kv):
             raise ParentError(f"{where}: field {self.keys['num_key_value_heads']} is {kv}, which does not divide "
@@ -159,10 +169,12 @@ class Family:
             vocab = int(self._get(cfg, "vocab_size"))
         except (TypeError, ValueError) as e:
             raise ParentError(f"config.json of this {self.name} parent lacks a shape key ({e}); "
-                              f"expected {', '.join(k for k in self.keys.values() if k)}") from e
+                              f"expected {', '.join(str(k) for k in self.keys.values() if k)}") from e
         ffn = self._get(cfg, "intermediate_size")
         if ffn is None and self.ffn_default_factor:
             ffn = self.ffn_default_factor * hidden
+        if ffn is None and self.keys.get("intermediate_size") is None:
+            ffn = 0   # no dense FFN at all (every layer's FFN is experts)
         kv = self._get(cfg, "num_key_value_heads") or heads
         hd = None if self.head_dim_from_hidden else cfg.get("head_dim")
         if hd is None:
@@ -179,7 +191,7 @@ class Family:
     def child_config(self, cfg: dict, child: Dims, kept_layers: list[int], dtype_name: str) -> dict:
         out = dict(cfg)
         for canon in CANONICAL:
-            key = self.keys.get(canon)
+            key = self.config_key(cfg, canon)
             if key and getattr(child, canon) is not None:
                 out[key] = getattr(child, canon)
         if self.write_head_dim:
@@ -299,6 +311,14 @@ class Family:
         head are loaded by the caller."""
         norm = bm.final_norm()
         return bm.head()(norm(h) if norm is not None else h)
+
+    def stored_as(self, bm, name: str):
+        """Where the checkpoint holds the model parameter `name` (transformers' in-memory name)
+        when not under that name (or a suffix of it): one checkpoint name, or a list of lists of
+        names: each inner list concatenated along axis 0, the results stacked along a new first
+        axis (MoE experts that transformers holds stacked, [experts, ...], but checkpoints store
+        one tensor per expert). None: under its own name. Names may be prefixed as in `name`."""
+        return None
 
     def observers(self, bm, i: int, layer, record) -> list:
         """Extra forward hooks on block i for statistics the observe map cannot express (router

@@ -65,10 +65,11 @@ Space.KV_HEADS = Space("kv_heads", LAYER, HEAD, "num_key_value_heads")         #
 Space.Q_HEADS = Space("q_heads", LAYER, HEAD, "num_attention_heads", within=Space.KV_HEADS)  # query heads
 Space.EXPERTS = Space("experts", LAYER, INDEX, "num_experts")                  # MoE experts (router rows)
 Space.EXPERT_FFN = Space("expert_ffn", EXPERT, INDEX, "expert_intermediate_size")  # one expert's neurons
+Space.SHARED_FFN = Space("shared_ffn", LAYER, INDEX, "shared_expert_intermediate_size")  # a shared expert's neurons
 
 # Every space, in the order selection draws them (this order fixes the random method's draws).
 SPACES: tuple[Space, ...] = (Space.HIDDEN, Space.VOCAB, Space.FFN, Space.KV_HEADS, Space.Q_HEADS, Space.EXPERTS,
-                             Space.EXPERT_FFN)
+                             Space.EXPERT_FFN, Space.SHARED_FFN)
 BY_NAME = {s.name: s for s in SPACES}
 
 

@@ -48,7 +48,8 @@ def pick(n: int, k: int, method: str, scores: torch.Tensor | None, gen: torch.Ge
         return torch.tensor([(i * n) // k for i in range(k)])
     if method == "random":
         return torch.sort(torch.randperm(n, generator=gen)[:k]).values
-    assert scores is not None, method
+    if scores is None:  # no tensor or module of this layer holds the space (an MoE layer's dense FFN)
+        return torch.arange(k)
     return top_k(scores, k)
 
 
@@ -94,7 +95,8 @@ def _parts(a, v: torch.Tensor, dims) -> list[tuple[Space, torch.Tensor]]:
 def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set[int],
                      advance: Callable[[int], None] = lambda n: None) -> Scores:
     """Weight-magnitude importance of every index of every space in `need`. An expert (the
-    experts space) scores the mean |w| of its own tensors."""
+    experts space) scores the sum over its own tensors of their mean |w|; its router row does
+    not count (a router row's size says how the router was trained, not what the expert holds)."""
     fam = plan.family
     p = plan.parent
     sc: Scores = {}
@@ -105,7 +107,8 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
         layer, expert = tensor_key(rule, m)
         if layer is not None and layer not in layers:
             continue
-        wanted = [(ax, sp) for ax, sp in rule.spaces() if sp in need]
+        # an expert scores by its own tensors only (below), not by its router row
+        wanted = [(ax, sp) for ax, sp in rule.spaces() if sp in need and sp is not Space.EXPERTS]
         whole = expert is not None and Space.EXPERTS in need
         if not wanted and not whole:
             continue
