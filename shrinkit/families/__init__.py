@@ -16,12 +16,13 @@ from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .gpt_neox import gpt_neox
 from .llama import llama
+from .moe import mixtral, qwen2_moe, qwen3_moe
 from .phi3 import phi3
 from .roberta import roberta
 from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
-                                gpt_neox)
+                                gpt_neox, mixtral, qwen2_moe, qwen3_moe)
 
 
 def family_for(config: dict) -> Family:
