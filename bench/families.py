@@ -41,7 +41,9 @@ def stages(method: str, drop: dict | None) -> list:
     rank = {"method": method}
     if method == "activation":
         rank["calibration"] = CALIB
-    return [{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
+    # rescale_norms: exact for RMSNorm families whose targets cut hidden dims; a no-op otherwise
+    return ([{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
+            + [{"rescale_norms": {}}])
 
 
 def planted_error(case, tmp: Path) -> float:

@@ -422,3 +422,29 @@ def dinov2(tmp: Path, *, swiglu=False, registers=0, dead_ffn=32, dead_heads=1, d
 
 def pixels(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))
+
+def _case_from(module: str, planted_fn, target: dict, drop: list, real_fn, real_target: dict) -> BenchCase:
+    """A case whose builders live in a family's own test module (imported when run)."""
+    import importlib
+
+    return BenchCase(lambda p: planted_fn(importlib.import_module(module), p), target, drop, "AutoModelForCausalLM",
+                     lambda p: real_fn(importlib.import_module(module), p), real_target)
+
+
+def _neox_planted(T, p):
+    T.planted_neox(p)
+    return Planted(p)
+
+
+BENCH_CASES["gpt_neox"] = _case_from("test_gpt_neox", _neox_planted, dict(intermediate_size=96, num_hidden_layers=3),
+                                     [1], lambda T, p: T.real_parent(p),
+                                     dict(hidden_size=32, num_attention_heads=2, intermediate_size=128,
+                                          num_hidden_layers=2))
+for _mt in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    _extra = {"qwen2_moe": dict(intermediate_size=64, shared_expert_intermediate_size=36),
+              "qwen3_moe": dict(intermediate_size=64)}.get(_mt, {})
+    _moe_target = dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
+                       num_experts=4, expert_intermediate_size=24, **_extra)
+    BENCH_CASES[_mt] = _case_from("test_moe", lambda T, p, mt=_mt: T.planted_moe(p, mt), _moe_target, [2],
+                                  lambda T, p, mt=_mt: T.real_parent(p, mt),
+                                  {**_moe_target, "num_experts": 3, "num_experts_per_tok": 1})

@@ -123,7 +123,8 @@ def test_gpt_neox_heads_kept_whole(parent, tmp_path, method):
 
 
 # ---------------------------------------------------------------- tiny real config
-def test_gpt_neox_real_config_cut_calibrate_verify(tmp_path, write_recipe):
+def real_parent(path: Path) -> Path:
+    """A tiny random GPT-NeoX from its config class, as transformers saves it, in bfloat16."""
     import transformers
 
     cfg = transformers.GPTNeoXConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, intermediate_size=256,
@@ -131,7 +132,12 @@ def test_gpt_neox_real_config_cut_calibrate_verify(tmp_path, write_recipe):
     torch.manual_seed(0)
     m = transformers.GPTNeoXForCausalLM(cfg)
     _randomize(m, torch.Generator().manual_seed(0))
-    m.to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    m.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def test_gpt_neox_real_config_cut_calibrate_verify(tmp_path, write_recipe):
+    real_parent(tmp_path / "parent")
     r = recipe(target=dict(hidden_size=32, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2),
                stages=stages("activation") + [{"rescale_norms": {}}],
                verify={"data": "random_tokens", "samples": 4, "seq_len": 16})
