@@ -313,11 +313,12 @@ class Family:
         return bm.head()(norm(h) if norm is not None else h)
 
     def stored_as(self, bm, name: str):
-        """Where the checkpoint holds the model parameter `name` (transformers' in-memory name)
-        when not under that name (or a suffix of it): one checkpoint name, or a list of lists of
-        names: each inner list concatenated along axis 0, the results stacked along a new first
-        axis (MoE experts that transformers holds stacked, [experts, ...], but checkpoints store
-        one tensor per expert). None: under its own name. Names may be prefixed as in `name`."""
+        """For a model parameter (transformers' in-memory name) that the checkpoint stores in
+        pieces, neither under its own name nor under checkpoint_name(): a list of lists of
+        checkpoint names, each inner list concatenated along axis 0 and the results stacked along
+        a new first axis (transformers holds MoE experts stacked, [experts, ...]; checkpoints
+        store one tensor per expert). None: not in pieces. Names may carry `name`'s prefix.
+        (A plain string is looked up as one checkpoint name.)"""
         return None
 
     def observers(self, bm, i: int, layer, record) -> list:

@@ -13,8 +13,8 @@ class GPTNeoX(Llama):
     """Blocks take rotary position embeddings from the base model, as Llama's do; the output
     head is `lm_head` in transformers' modules and `embed_out` in checkpoints."""
 
-    def stored_as(self, bm, name):
-        return name[: -len("lm_head.weight")] + "embed_out.weight" if name.endswith("lm_head.weight") else None
+    def checkpoint_name(self, param):
+        return ("embed_out.weight", None) if param.endswith("lm_head.weight") else None
 
 
 QKV = Fused((S.Q_HEADS,) * 3, layout="heads")

@@ -34,14 +34,17 @@ class MoE(Llama):
     gate_up: tuple[str, str] = ("gate_proj", "up_proj")   # per-expert tensors stacked as gate_up_proj
     down: str = "down_proj"                               # per-expert tensor stacked as down_proj
 
-    # ---- calibration: transformers' stacked expert parameters from the per-expert tensors
+    # ---- calibration: the router's name on disk, and transformers' stacked expert parameters
+    # assembled from the per-expert tensors
+    def checkpoint_name(self, param: str):
+        m = re.search(r"\.mlp\.gate\.weight$", param)
+        return (f"{param[:m.start()]}.{self.moe}.gate.weight", None) if m and self.moe != "mlp" else None
+
     def stored_as(self, bm, name: str):
-        m = re.search(r"\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$", name)
+        m = re.search(r"\.mlp\.(experts\.gate_up_proj|experts\.down_proj)$", name)
         if m is None:
             return None
         base = f"{name[:m.start()]}.{self.moe}"
-        if m.group(1) == "gate.weight":
-            return f"{base}.gate.weight"
         n = self.dims(bm.ckpt.config).num_experts
         if m.group(1) == "experts.gate_up_proj":
             return [[f"{base}.experts.{e}.{p}.weight" for p in self.gate_up] for e in range(n)]
