@@ -318,6 +318,21 @@ BENCH_CASES: dict[str, BenchCase] = {
 }
 
 
+def _from(module: str, fn: str, *args):
+    """A case callable from a family's own test module, imported when the case runs."""
+    return lambda path: getattr(__import__(module), fn)(path, *args)
+
+
+# RMSNorm families cut exactly in every space: hidden dims, FFN neurons, KV groups, layers
+RMS_WIDTH_DEPTH = dict(hidden_size=48, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                       num_hidden_layers=3)
+for _mt in ("gemma", "gemma2", "gemma3_text"):
+    BENCH_CASES[_mt] = BenchCase(_from("test_gemma", "gemma_like", _mt), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
+                                 _from("test_gemma", "real_parent", _mt), RMS_WIDTH_DEPTH)
+BENCH_CASES["phi3"] = BenchCase(_from("test_phi3", "phi3_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
+                                _from("test_phi3", "real_parent"), RMS_WIDTH_DEPTH)
+
+
 # ---------------------------------------------------------------- vision
 VISION_PRE = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
               "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,

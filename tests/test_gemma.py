@@ -103,6 +103,15 @@ def gemma_like(tmp, model_type="gemma2", *, tie=True, dead_hidden=16, dead_ffn=3
     return pl
 
 
+def real_parent(path, model_type):
+    """A tiny random model from the family's own config class, bfloat16, as transformers saves it."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config(model_type, rms_norm_eps=1e-6)).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
 MODEL_TYPES = ["gemma", "gemma2", "gemma3_text"]
 
 
@@ -187,13 +196,9 @@ def test_gemma_real_config_cut_loads_calibrates_verifies(tmp_path, model_type):
     """A tiny random model from the family's own config class (bf16, defaults otherwise): cut in
     width and depth with activation ranking and importance layer dropping, loaded with no
     missing or unexpected keys, verified; inspect and plan describe it."""
-    import transformers
-
     from shrinkit.cli import app
 
-    cfg = config(model_type, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    real_parent(tmp_path / "parent", model_type)
     from shrinkit.recipe import Verify
     from shrinkit.verify import verify_child
 

@@ -71,6 +71,16 @@ def phi3_parent(tmp, *, tie=False, dead_hidden=16, dead_ffn=32, dead_kv=1, dead_
     return pl
 
 
+def real_parent(path):
+    """A tiny random Phi3Config model (partial rotary, sliding window), bfloat16."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(**{**TINY, "rms_norm_eps": 1e-5})
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """Planted parents shared by this module's tests (built once per tying)."""
@@ -143,15 +153,11 @@ def test_phi3_real_config_cut_loads_calibrates_verifies(tmp_path):
     """A tiny random Phi3Config model (bf16): cut in width and depth with activation ranking and
     importance layer dropping, loaded with no missing or unexpected keys, verified; inspect and
     plan describe it."""
-    import transformers
-
     from shrinkit.cli import app
     from shrinkit.recipe import Verify
     from shrinkit.verify import verify_child
 
-    cfg = transformers.Phi3Config(**{**TINY, "rms_norm_eps": 1e-5})
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    real_parent(tmp_path / "parent")
     run(tmp_path / "parent", tmp_path / "child", target=TARGET, stages=act_stages())
     m = load(tmp_path / "child")
     assert (m.config.hidden_size, m.config.num_hidden_layers, m.config.head_dim) == (48, 3, 16)
