@@ -121,7 +121,7 @@ def shrinkit_stats(parent: str, recipe: str) -> dict:
     ckpt = open_checkpoint(parent)
     try:
         plan = prepare(ckpt, r, True)
-        spec = next(st.calibration for name, st in r.parsed if name == "rank_neurons")
+        spec = r.calibration_for("rank_neurons")
         st = calibrate(ckpt, plan, spec, seed=r.seed)
     finally:
         ckpt.close()

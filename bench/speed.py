@@ -50,7 +50,10 @@ the parent's kept layers; and, for the first preset, naive-calibration's statist
 own block-by-block calibration (untimed).
 
 The shrinkit arms pass --no-verify when the CLI has it (so they time the cut, not shrinkit's own
-held-out forward passes); --shrinkit-verify keeps the verification inside the timed run.
+held-out forward passes); --shrinkit-verify keeps the verification inside the timed run. Arms named
+shrinkit-METHOD-default never pass it: they time the command a user types, shrinkit's default
+check included (a structural read-back for data-free methods, held-out verification sharing the
+calibration pass for `activation`).
 Shared machines: before each run the script waits (up to --wait-idle s) for other processes' CPU
 use to drop, and records other processes' CPU share just before and during every run (a warning
 follows the table when it was high). --snapshot times a private copy of shrinkit/ so that edits to
@@ -96,7 +99,9 @@ SHRINKIT = str(VENV_BIN / "shrinkit") if (VENV_BIN / "shrinkit").exists() else (
 DEFAULT_ARMS = ["disk", "naive", "shrinkit-first", "shrinkit-magnitude", "shrinkit-activation"]
 SHRINKIT_METHODS = ("first", "magnitude", "activation", "uniform", "random", "drop", "heal", "rotate")
 NOCACHE = "-nocache"  # arm suffix: run that shrinkit arm with SHRINKIT_NO_HASH_CACHE=1
-SLOW_ARMS = ("shrinkit-activation", "shrinkit-activation-nocache", "naive-calibration", "shrinkit-heal", "shrinkit-rotate")  # --slow-repeat
+DEFAULT = "-default"  # arm suffix: the command a user types (no --no-verify): shrinkit's default check included
+SLOW_ARMS = ("shrinkit-activation", "shrinkit-activation-nocache", "shrinkit-activation-default",
+             "naive-calibration", "shrinkit-heal", "shrinkit-rotate")  # --slow-repeat
 DROP_ARMS = ("shrinkit-drop", "shrinkit-drop-nocache", "mergekit")  # depth-only children (full width)
 CHUNK = 8 << 20
 SHRINKIT_EXTRA: list[str] = []  # e.g. ["--no-verify"], decided in main()
@@ -292,10 +297,12 @@ def arm_command(arm: str, preset: common.Preset) -> list[str]:
     method = shrinkit_method(arm)
     if method:
         recipe = recipe_for(preset, method)
+        extra = [x for x in SHRINKIT_EXTRA if x != "--no-verify"] if arm.endswith(DEFAULT) else SHRINKIT_EXTRA
         return [SHRINKIT, "subclone", parent, "--recipe", str(recipe), "--out", str(out), "--force", "--quiet"] \
-            + SHRINKIT_EXTRA
+            + extra
     raise SystemExit(f"unknown arm {arm!r}; known: disk, naive, startup, mergekit, naive-calibration, "
-                     + ", ".join(f"shrinkit-{m}" for m in SHRINKIT_METHODS) + f" (shrinkit arms also as shrinkit-METHOD{NOCACHE})")
+                     + ", ".join(f"shrinkit-{m}" for m in SHRINKIT_METHODS)
+                     + f" (shrinkit arms also as shrinkit-METHOD{NOCACHE} and shrinkit-METHOD{DEFAULT})")
 
 
 def _sh_quote(x: str) -> str:
@@ -309,8 +316,9 @@ def shrinkit_method(arm: str) -> str | None:
     if not arm.startswith("shrinkit-"):
         return None
     m = arm[len("shrinkit-"):]
-    if m.endswith(NOCACHE):
-        m = m[: -len(NOCACHE)]
+    for suffix in (NOCACHE, DEFAULT):
+        if m.endswith(suffix):
+            m = m[: -len(suffix)]
     return m if m in SHRINKIT_METHODS else None
 
 

@@ -138,31 +138,42 @@ def inspect(parent: PathLike, *, config: PathLike | None = None, revision: str |
     return s
 
 
-def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples: int = 16, seq_len: int = 256,
-           batch_size: int = 4, config: PathLike | None = None, revision: str | None = None, device: str = "cpu",
-           tokenizer: PathLike | None = None) -> dict:
+def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples: int = 16,
+           seq_len: int | None = None, batch_size: int = 4, config: PathLike | None = None,
+           revision: str | None = None, device: str = "cpu", tokenizer: PathLike | None = None,
+           gate: dict | None = None) -> dict:
     """Measure how much of PARENT survived in CHILD on held-out text, against a random-init
-    child of the same shape. Returns the verification summary (also its ``table`` lines)."""
+    child of the same shape. Returns the verification summary (also its ``table`` lines).
+    ``seq_len`` defaults to 256, or the parent's maximum positions when fewer (a longer explicit
+    one is an error). ``gate``: {max_kl, max_perplexity_ratio, min_similarity}; a child that
+    misses it has ``status`` "gate_missed" (the command line exits 4)."""
     _runtime()
     from .checkpoint.reader import open_checkpoint
+    from .errors import UsageError
+    from .families import family_for
     from .pipeline import resolve_device
-    from .recipe import Verify
     from pydantic import ValidationError
 
-    from .errors import UsageError
     from .pair import check_pair
+    from .recipe import Calibration
     from .validate import field_error
     from .verify import check_child, verify_child
 
     check_child(Path(child))
-    try:
-        spec = Verify(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    try:  # the recipe's bounds (seq_len resolved below, against the parent)
+        Calibration(data=data, samples=samples, seq_len=seq_len or 1, batch_size=batch_size)
     except ValidationError as e:
         raise UsageError(f"verify: {field_error(e)}") from None
+    dev = resolve_device(device)
     src = _resolve(parent, revision, True, None)
     with open_checkpoint(src.path, config) as ck:
         check_pair(ck, child)   # same family, vocabulary and tokenizer; child within the parent; safetensors only
-        return verify_child(ck, Path(child), spec, device=resolve_device(device), tokenizer=tokenizer)
+        mp = family_for(ck.config).max_positions(ck.config)
+        if seq_len is not None and mp is not None and seq_len > mp:
+            raise UsageError(f"--seq-len {seq_len} is longer than the parent's {mp} positions; use {mp} or less")
+        n = seq_len or (min(256, mp) if mp else 256)
+        spec = Calibration(data=data, samples=samples, seq_len=n, batch_size=batch_size)
+        return verify_child(ck, Path(child), spec, device=dev, tokenizer=tokenizer, gate=gate)
 
 
 def schema() -> dict:

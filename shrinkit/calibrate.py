@@ -68,6 +68,43 @@ def _text(data: str) -> str:
         return f.read(MAX_TEXT_CHARS)
 
 
+def check_data(data: str) -> None:
+    """A calibration file exists, is readable, is not empty and decodes (UTF-8 text, or .jsonl
+    lines with a "text" field): a cheap look at its start, before any work."""
+    if data in ("builtin", "random_tokens"):
+        return
+    p = Path(data)
+    if not p.exists():
+        raise RecipeError(f"calibration data {data!r} is neither builtin, random_tokens nor an existing .txt/.jsonl file")
+    if not p.is_file():
+        raise RecipeError(f"calibration data {data} is not a file; give a .txt or .jsonl file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise RecipeError(f"calibration data {data} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not head.strip():
+        raise RecipeError(f"calibration data {data} is empty; give a file with text in it")
+    import codecs
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < (1 << 20))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"calibration data {data} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    if p.suffix == ".jsonl":
+        lines = text.splitlines()
+        complete = lines if len(head) < (1 << 20) else lines[:-1]
+        first = next((ln for ln in complete if ln.strip()), None)
+        try:
+            ok = first is not None and isinstance(json.loads(first).get("text"), str)
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise RecipeError(f"{p}: each .jsonl line must be an object with a \"text\" field")
+
+
+_TOKENIZERS: dict = {}
+
+
 def load_tokenizer(ckpt: Checkpoint, tokenizer: str | Path | None):
     folder = Path(tokenizer) if tokenizer else ckpt.root
     if not has_tokenizer(folder):
@@ -75,8 +112,16 @@ def load_tokenizer(ckpt: Checkpoint, tokenizer: str | Path | None):
             raise UsageError(f"--tokenizer {tokenizer} holds no tokenizer files")
         raise UsageError(f"the parent {ckpt.root} has no tokenizer for calibration text; pass --tokenizer PATH, "
                          "use `calibration: {data: random_tokens}`, or rank with `method: magnitude`")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
+    key = str(folder.resolve())
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+        try:
+            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # transformers raises several types for a broken tokenizer
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise UsageError(f"the tokenizer in {folder} cannot be loaded ({msg}); pass --tokenizer PATH "
+                             "or use `calibration: {data: random_tokens}`") from None
+    return _TOKENIZERS[key]
 
 
 def calibration_tokens(ckpt: Checkpoint, spec: Calibration, vocab: int, *, seed: int, split: str = "calib",
@@ -360,20 +405,29 @@ class BlockModel:
     def layer_call(self, layer, x):
         return self.family.layer_call(self, layer, x)
 
-    def run_layers(self, h: torch.Tensor, batch: int, observe=None, progress=None) -> torch.Tensor:
-        """Push all activations through every block, one block resident at a time (in place)."""
+    def run_layers(self, h: torch.Tensor, batch: int, observe=None, progress=None,
+                   observe_n: int | None = None) -> torch.Tensor:
+        """Push all activations through every block, one block resident at a time (in place).
+        With `observe_n`, only the first observe_n samples are observed (the rest, e.g. held-out
+        windows riding along with the calibration pass, only flow through)."""
         step = self.micro(batch, h.shape[1])
+        n_obs = len(h) if observe_n is None else observe_n
+        ranges = [(a, min(a + step, n_obs)) for a in range(0, n_obs, step)]
+        ranges += [(a, min(a + step, len(h))) for a in range(n_obs, len(h), step)]
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 self.load(layer)
                 hooks = observe.attach(i, layer) if observe else []
                 try:
-                    for s in range(0, len(h), step):
-                        x = h[s:s + step].to(self.device)
+                    for s, e in ranges:
+                        x = h[s:e].to(self.device)
+                        watch = observe is not None and s < n_obs
+                        if observe is not None:
+                            observe.active = watch
                         y = self.layer_call(layer, x)
-                        if observe:
+                        if watch:
                             observe.residual(i, x, y)
-                        h[s:s + step] = y.float().cpu()
+                        h[s:e] = y.float().cpu()
                 finally:
                     for hk in hooks:
                         hk.remove()
@@ -402,6 +456,7 @@ class CalibStats:
     scores: dict = field(default_factory=dict)
     influence: list[float] = field(default_factory=list)    # Block Influence per layer
     tokens: int = 0
+    extra_final: torch.Tensor | None = None                 # final hidden states of extra_ids (unobserved)
 
     def by_space(self, space: Space) -> dict:
         """key -> statistic for one space (a global space's only key is None)."""
@@ -417,8 +472,11 @@ class Observer:
         self._bi = [0.0] * n_layers
         self._n = [0] * n_layers
         self.n_layers = n_layers
+        self.active = True   # False while samples that are not calibration data pass
 
     def record(self, space: Space, key, v: torch.Tensor) -> None:
+        if not self.active:  # samples riding along unobserved (held-out windows)
+            return
         add_score(self.st.scores, space, key, v)
 
     def _modules(self, layer, path: str):
@@ -448,6 +506,8 @@ class Observer:
 
     def _on_index(self, space: Space, key):
         def hook(mod, args):
+            if not self.active:
+                return
             a = args[0].detach()
             self.record(space, key, a.abs().reshape(-1, a.shape[-1]).sum(0).double().cpu())
         return hook
@@ -457,6 +517,8 @@ class Observer:
 
         def hook(mod, args):
             # each head's contribution to the residual stream: |O_h z_h| per token
+            if not self.active:
+                return
             z = args[0].detach()
             z = z.reshape(-1, nh, self.hd).transpose(0, 1)                 # [heads, T, hd]
             w = mod.weight                                                  # as stored
@@ -490,18 +552,31 @@ class Observer:
 
 
 def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0, progress=None,
-              device: str = "cpu", tokenizer=None, scratch: str | Path | None = None) -> CalibStats:
+              device: str = "cpu", tokenizer=None, scratch: str | Path | None = None,
+              ids: torch.Tensor | None = None, extra_ids: torch.Tensor | None = None) -> CalibStats:
     """Activation statistics of the parent over the calibration tokens, one block at a time.
-    scratch: folder for the activations' backing file (default: the system's temporary folder)."""
-    ids = plan.family.calibration_inputs(ckpt, spec, plan.parent, seed=seed, tokenizer=tokenizer)
+    scratch: folder for the activations' backing file (default: the system's temporary folder).
+    ids: the calibration inputs when already made (else from spec). extra_ids: more samples of
+    the same length that ride along unobserved (verification's held-out windows: one parent pass
+    for both); their final hidden states come back as stats.extra_final."""
+    if ids is None:
+        ids = plan.family.calibration_inputs(ckpt, spec, plan.parent, seed=seed, tokenizer=tokenizer)
+    n = len(ids)
+    if extra_ids is not None:
+        ids = torch.cat([ids, extra_ids])
     bm = BlockModel(ckpt, plan.family, device, scratch)
     if progress is not None:
-        progress.phase(f"calibrate ({plan.family.describe_inputs(ids)})",
+        more = f" + {len(extra_ids)} held-out" if extra_ids is not None else ""
+        progress.phase(f"calibrate ({plan.family.describe_inputs(ids[:n])}{more})",
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
     h = bm.embed(ids, spec.batch_size)
     obs = Observer(bm, plan.parent, len(bm.layers))
-    bm.run_layers(h, spec.batch_size, obs, progress)
-    return obs.finish()
+    bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
+    st = obs.finish()
+    if extra_ids is not None:
+        st.extra_final = activation_buffer(tuple(h[n:].shape), scratch)
+        st.extra_final.copy_(h[n:])
+    return st
 
 
 def activation_scores(stats: CalibStats, plan: Plan, need: set[Space]) -> Scores:

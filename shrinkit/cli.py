@@ -40,6 +40,28 @@ def _one_line(x) -> str:
     return " ".join(ln.strip() for ln in str(x).splitlines() if ln.strip())
 
 
+VERIFY_FAILED = 4  # the child was written and kept, but its verification failed or missed the recipe's gate
+
+
+def _quiet(debug: bool) -> None:
+    """transformers' load reports and warnings stay off the terminal unless --debug; what matters
+    in them goes into the report (shrinkit_report.json: verify.child_keys)."""
+    if debug:
+        return
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+
+
 def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exc()
@@ -180,7 +202,11 @@ def subclone(
                                          "this child (same parent hash, recipe hash and shrinkit version)."),
     debug: bool = DebugOpt,
 ):
-    """Write a child checkpoint cut out of PARENT by RECIPE."""
+    """Write a child checkpoint cut out of PARENT by RECIPE.
+
+    Exit codes: 0 done; 2 bad command line or recipe; 3 bad parent; 1 other; 4 the child was
+    written, but its verification failed or missed the recipe's gate (the child is kept)."""
+    _quiet(debug)
     try:
         with _sigterm():
             from . import api
@@ -194,6 +220,7 @@ def subclone(
         _fail(e, debug)
     rep = res.report
     c = rep["child"]
+    v = rep.get("verify")
     if json_out:
         import json
         typer.echo(json.dumps(result_json(res)))
@@ -201,11 +228,20 @@ def subclone(
         typer.echo(f"skipped: {res.out} already holds this child (parent hash {rep['parent_hash'][:12]}, recipe hash "
                    f"{rep['recipe_hash'][:12]}, shrinkit {rep['shrinkit_version']}); "
                    f"{c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB")
+        return
     else:
-        if "verify" in rep:
-            typer.echo("\n".join(rep["verify"]["table"]))
+        for note in rep.get("notes", []):
+            typer.echo(f"note: {note}", err=True)
+        if v is not None:
+            typer.echo("\n".join(v["table"]))
         typer.echo(f"wrote {res.out} ({c['params'] / 1e6:.2f}M params, {c['bytes'] / 1e6:.1f} MB) "
                    f"in {rep['seconds']:.2f} s")
+    from .verify import FAILED
+    if isinstance(v, dict) and v.get("status") in FAILED:
+        what = {"gate_missed": "missed the recipe's verify gate", "error": "could not be verified",
+                "failed": "failed its check"}[v["status"]]
+        typer.echo(f"error: the child {what}; it was kept at {res.out} (see shrinkit_report.md)", err=True)
+        raise typer.Exit(VERIFY_FAILED)
 
 
 def result_json(res) -> dict:
@@ -225,6 +261,7 @@ def result_json(res) -> dict:
         "budget": rep.get("budget"),
         "verify": {k: x for k, x in v.items() if k != "table"} if isinstance(v, dict) else None,
         "gate": gate,
+        "notes": rep.get("notes", []),
         "seconds": rep.get("seconds"),
         "report": str(res.out / "shrinkit_report.json"),
     }
@@ -236,8 +273,14 @@ def verify(
     child: Path = typer.Argument(..., help="The child folder."),
     data: str = typer.Option("builtin", "--data", help="builtin | random_tokens | PATH (.txt or .jsonl); image parents: builtin | random_pixels | FOLDER."),
     samples: int = typer.Option(16, "--samples", min=2),
-    seq_len: int = typer.Option(256, "--seq-len", min=2),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2,
+                                          help="Tokens per sample (default 256, or the parent's maximum positions if fewer)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: exit 4 when the child's KL is above this."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-perplexity-ratio",
+                                                  help="Gate: exit 4 when child/parent perplexity is above this."),
+    min_similarity: Optional[float] = typer.Option(None, "--min-similarity",
+                                                   help="Gate (encoders): exit 4 when the similarity r is below this."),
     config: Optional[Path] = ConfigOpt,
     device: str = DeviceOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -245,12 +288,16 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = DebugOpt,
 ):
-    """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child)."""
+    """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child).
+    Exit 4 when the child misses a gate given by --max-kl, --max-perplexity-ratio or --min-similarity."""
+    _quiet(debug)
     try:
         from . import api
 
+        gate = {k: x for k, x in (("max_kl", max_kl), ("max_perplexity_ratio", max_ppl_ratio),
+                                  ("min_similarity", min_similarity)) if x is not None}
         v = api.verify(parent, child, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size,
-                       config=config, device=device, tokenizer=tokenizer, revision=revision)
+                       config=config, device=device, tokenizer=tokenizer, revision=revision, gate=gate)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     if json_out:
@@ -258,6 +305,8 @@ def verify(
         typer.echo(json.dumps(v, indent=2))
     else:
         typer.echo("\n".join(v["table"]))
+    if v.get("status") == "gate_missed":
+        raise typer.Exit(VERIFY_FAILED)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 2: the command line or the recipe is wrong; 3: the parent checkpoint is bad or unsupported;
 1: anything else (I/O failure, internal error); 130: interrupted (SIGINT); 143: terminated (SIGTERM).
+The CLI also exits 4 when the child was written but its verification failed or missed the
+recipe's gate (the child is kept; not an exception).
 """
 
 

@@ -62,11 +62,12 @@ def parent_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def needs_transformers(ckpt: Checkpoint, recipe: Recipe, verify: bool, tokenizer=None) -> bool:
-    """Whether this run imports transformers anyway (calibration or verification)."""
+    """Whether this run imports transformers anyway (calibration, healing, rotation or a full
+    verification; a data-free run's default check reads the child back without it)."""
     rank, drop, heal = recipe.stage("rank_neurons"), recipe.stage("drop_layers"), recipe.stage("heal")
-    heals = heal is not None and (heal.when == "always" or _has_text(ckpt, heal.calibration, tokenizer))
-    return bool(verify or (drop is not None and drop.strategy == "importance") or heals or
-                recipe.stage("rotate_hidden") is not None or
+    heals = heal is not None and (heal.when == "always" or _has_text(ckpt, recipe.calibration_for("heal"), tokenizer))
+    return bool((verify and recipe.verify is not None) or (drop is not None and drop.strategy == "importance") or
+                heals or recipe.stage("rotate_hidden") is not None or
                 (rank is not None and (rank.method or default_method(ckpt, tokenizer)) == "activation"))
 
 
@@ -120,10 +121,10 @@ def data_specs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
     rank, drop = recipe.stage("rank_neurons"), recipe.stage("drop_layers")
     specs = []
     if rank is not None and (rank.method or default_method(ckpt, tokenizer)) == "activation":
-        specs.append(rank.calibration)
+        specs.append(recipe.calibration_for("rank_neurons"))
     if drop is not None and drop.strategy == "importance":
-        specs.append(drop.calibration)
-    if verify:
+        specs.append(recipe.calibration_for("drop_layers"))
+    if verify and recipe.verify is not None and recipe.verify.data is not None:
         specs.append(recipe.verify)
     return specs
 
@@ -211,12 +212,12 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
         files.append(("parent shard", s))
     if tokenizer:
         folders.append(("--tokenizer folder", tokenizer))
-    specs = [getattr(recipe.stage(n), "calibration", None) for n in ("rank_neurons", "drop_layers")]
-    if verify:
+    specs = [recipe.calibration_for(n) for n in ("rank_neurons", "drop_layers") if recipe.stage(n) is not None]
+    if verify and recipe.verify is not None:
         specs.append(recipe.verify)
     random = family_for(ckpt.config).random_data
     for spec in specs:
-        if spec is not None and spec.data not in ("builtin", random):
+        if spec is not None and spec.data not in (None, "builtin", random):
             if os.path.isdir(spec.data):
                 folders.append(("calibration data folder", spec.data))
             else:
@@ -234,10 +235,13 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     try:
         plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
         check_data(ckpt, recipe, tokenizer, verify)
-        opts = {"device": resolve_device(device), "tokenizer": tokenizer, "verify": verify, "source": source}
         out = resolve_out(out if out is not None else default_out(parent, recipe))
         check_inputs(out, *run_inputs(ckpt, recipe, tokenizer, verify))
         check_out(out, force)
+        from .preflight import preflight
+        checks = preflight(ckpt, plan, recipe, out, device=device, tokenizer=tokenizer, verify=verify)
+        opts = {"device": checks.device, "tokenizer": tokenizer, "verify": verify, "source": source,
+                "checks": checks, "parent_arg": str(parent), "out": str(out)}
         with Claim(out, force, progress.log) as claim:
             report = _run(ckpt, plan, recipe, claim.tmp, progress, t_start, opts)
             claim.publish()
@@ -279,21 +283,26 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 scores = magnitude_scores(ckpt, plan, need, set(layers), progress.advance)
             elif need and method == "activation":
                 from .calibrate import activation_scores
-                info["calibration"] = stage.calibration.model_dump()
-                scores = activation_scores(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
+                spec = opts["checks"].specs[name]
+                info["calibration"] = spec.model_dump()
+                scores = activation_scores(_calibration(ckpt, plan, spec, recipe.seed, progress, opts,
                                                         calib, tmp), plan, need)
             select(plan, method, scores, layers, recipe.seed)
         elif name == "drop_layers":
             info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
             if stage.strategy == "importance":
                 from .calibrate import layer_influence
-                info["calibration"] = stage.calibration.model_dump()
-                influence = layer_influence(_calibration(ckpt, plan, stage.calibration, recipe.seed, progress, opts,
+                spec = opts["checks"].specs[name]
+                info["calibration"] = spec.model_dump()
+                influence = layer_influence(_calibration(ckpt, plan, spec, recipe.seed, progress, opts,
                                                          calib, tmp))
                 info["influence"] = [round(x, 6) for x in influence]
                 plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
             dropped = True
-        elif name == "rotate_hidden":
+        if name in ("rotate_hidden", "heal"):  # the spec preflight resolved (top-level block, clamped seq_len)
+            stage = stage.model_copy(update={"calibration": opts["checks"].specs.get(name)
+                                             or recipe.calibration_for(name)})
+        if name == "rotate_hidden":
             from .stages.rotate import rotate_hidden
             if not plan.ranked:
                 select(plan, "first", None, plan.layers, recipe.seed)
@@ -309,25 +318,50 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         stages.append(info)
     if not plan.ranked:
         select(plan, "first", None, plan.layers, recipe.seed)  # widths unchanged: keeps everything
-    verified = None
-    if opts.get("verify"):
-        from .verify import verify_child
-        t0 = time.perf_counter()
-        progress.phase("verify", 0)
-        verified = verify_child(ckpt, tmp, recipe.verify, device=opts["device"], tokenizer=opts["tokenizer"],
-                                seed=recipe.seed, scratch=tmp)
-        verified["seconds"] = round(time.perf_counter() - t0, 3)
+    verified = _verify(ckpt, plan, recipe, tmp, progress, opts, written)
     hasher.join()
     if hash_error:
         raise hash_error[0]
     report = build_report(ckpt, plan, recipe, stages, hashes, written, time.perf_counter() - t_start,
                           opts.get("source"))
+    if opts["checks"].notes:
+        report["notes"] = list(opts["checks"].notes)
     if verified is not None:
         report["verify"] = verified
     (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "shrinkit_report.md").write_text(report_markdown(report))
     (tmp / "README.md").write_text(model_card(report))
     return report
+
+
+def _verify(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, opts: dict,
+            written: list) -> dict | None:
+    """The child's check after writing (see shrinkit.preflight for what runs by default). Whatever
+    goes wrong here is recorded in the report, never raised: the written child is kept."""
+    checks = opts["checks"]
+    if checks.verify_mode is None:
+        return None
+    from .verify import error_result, structural_check, verify_child
+    t0 = time.perf_counter()
+    try:
+        if checks.verify_mode == "structural":
+            progress.phase("check (structural)", 0)
+            v = structural_check(tmp, {c.name: (c.shape, c.dtype) for c in written}, plan.child.as_dict())
+            tok = f" --tokenizer {opts['tokenizer']}" if opts["tokenizer"] else ""
+            v["how_to_verify"] = f"shrinkit verify {opts['parent_arg']} {opts['out']}{tok}"
+            from .verify import structural_table
+            v["table"] = structural_table(v)
+        else:
+            v = verify_child(ckpt, tmp, checks.verify, device=checks.device, tokenizer=opts["tokenizer"],
+                             seed=recipe.seed, scratch=tmp, ids=checks.verify_ids, parent_final=checks.parent_final,
+                             gate=checks.gate, progress=progress)
+    except Exception as e:  # noqa: BLE001 - recorded in the report; the child stays
+        v = error_result(e)
+        if opts.get("debug"):
+            import traceback
+            v["traceback"] = traceback.format_exc()
+    v["seconds"] = round(time.perf_counter() - t0, 3)
+    return v
 
 
 def default_method(ckpt: Checkpoint, tokenizer=None) -> str:
@@ -352,8 +386,14 @@ def _calibration(ckpt, plan, spec, seed, progress, opts, cache: dict, scratch: P
     from .calibrate import calibrate
     key = spec.model_dump_json()
     if key not in cache:
+        checks = opts["checks"]
+        extra = checks.verify_ids if checks.share == key and checks.parent_final is None else None
         cache[key] = calibrate(ckpt, plan, spec, seed=seed, progress=progress, device=opts["device"],
-                               tokenizer=opts["tokenizer"], scratch=scratch)
+                               tokenizer=opts["tokenizer"], scratch=scratch, ids=checks.tokens.get(key),
+                               extra_ids=extra)
+        if extra is not None:
+            checks.parent_final = cache[key].extra_final
+            cache[key].extra_final = None
     return cache[key]
 
 

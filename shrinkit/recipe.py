@@ -85,21 +85,49 @@ class Calibration(Strict):
         return v
 
 
-class Verify(Calibration):
-    samples: PositiveInt = Field(16, le=MAX_SAMPLES)
+class Verify(Strict):
+    """Held-out verification. Fields left out follow the run's calibration (data, seq_len) or the
+    defaults in shrinkit.preflight; `tokens` sets the budget as samples = tokens / seq_len. The gate
+    fields (any of them) make the run exit 4, child kept, when the child misses them."""
+    data: Optional[str] = Field(None, min_length=1, max_length=4096)
+    samples: Optional[PositiveInt] = Field(None, le=MAX_SAMPLES)
+    seq_len: Optional[PositiveInt] = Field(None, le=MAX_SEQ_LEN)
+    tokens: Optional[PositiveInt] = Field(None, le=MAX_SAMPLES * MAX_SEQ_LEN)
     batch_size: PositiveInt = Field(4, le=MAX_BATCH)
+    # causal LMs: child KL(parent || child) per token; child perplexity / parent perplexity
+    max_kl: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    max_perplexity_ratio: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    # encoders: Pearson r of the child's pairwise cosine similarities against the parent's
+    min_similarity: Optional[float] = Field(None, ge=-1, le=1, allow_inf_nan=False)
+
+    @field_validator("data")
+    @classmethod
+    def _no_nul(cls, v):
+        if v is not None and "\0" in v:
+            raise ValueError("must not contain a NUL character")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.tokens is not None and self.samples is not None:
+            raise ValueError("give tokens or samples, not both")
+        return self
+
+    def gate(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_kl", "max_perplexity_ratio", "min_similarity")
+                if getattr(self, k) is not None}
 
 
 class RankNeurons(Strict):
     method: Optional[Literal["activation", "magnitude", "uniform", "first", "random"]] = None
-    calibration: Calibration = Field(default_factory=Calibration)
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 
 class DropLayers(Strict):
     strategy: Optional[Literal["middle", "first", "last", "importance"]] = None
     drop: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
     keep: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
-    calibration: Calibration = Field(default_factory=Calibration)
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -124,13 +152,13 @@ class Heal(Strict):
     alpha: float = Field(1e-3, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
     weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
     when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
-    calibration: Calibration = Field(default_factory=Calibration)
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 
 class RotateHidden(Strict):
     """Keep the top principal directions of the residual stream instead of a subset of its dims."""
     method: Literal["pca"] = "pca"
-    calibration: Calibration = Field(default_factory=Calibration)
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 
 class RescaleNorms(Strict):
@@ -165,7 +193,8 @@ class Recipe(Strict):
         {"rank_neurons": {}}, {"drop_layers": {}}, {"heal": {"when": "auto"}}, {"slice_embeddings": {}},
         {"rescale_norms": {}}])
     output: Output = Field(default_factory=Output)
-    verify: Verify = Field(default_factory=Verify)
+    calibration: Optional[Calibration] = None   # serves every stage that needs data; a stage's own block overrides it
+    verify: Optional[Verify] = None             # None: the default check (see shrinkit.preflight)
     seed: StrictInt = Field(0, ge=0, lt=1 << 63)
     name: Optional[str] = None
 
@@ -216,6 +245,21 @@ class Recipe(Strict):
             if n == name:
                 return s
         return None
+
+    def calibration_for(self, name: str) -> Calibration:
+        """The calibration spec of stage `name`: the recipe's top-level `calibration:` block with the
+        stage's own block's fields over it (defaults where neither says)."""
+        st = self.stage(name)
+        own = getattr(st, "calibration", None)
+        if self.calibration is None and own is None:
+            return Calibration()
+        if own is None:
+            return self.calibration
+        if self.calibration is None:
+            return own
+        merged = self.calibration.model_copy(update=own.model_dump(exclude_unset=True))
+        merged.__pydantic_fields_set__ = set(self.calibration.model_fields_set) | set(own.model_fields_set)
+        return merged
 
     def as_dict(self) -> dict:
         return self.model_dump(exclude={"parsed"}, exclude_none=False)

@@ -38,9 +38,16 @@ def report_markdown(report: dict) -> str:
         how = s.get("method") or s.get("strategy") or (f"x{s['factor']:.4f}" if "factor" in s else "")
         lines.append(f"| {s['stage']} | {how} | {s['seconds']:.3f} |")
     lines += ["", f"Kept parent layers: {report['kept']['layers']}", ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     v = report.get("verify")
     if v:
         lines += ["## Verification", ""] + v.get("table", []) + [""]
+        if v.get("child_keys"):
+            ck = v["child_keys"]
+            lines += [f"Loading the child into transformers' model class leaves {len(ck.get('missing', []))} parameters "
+                      f"freshly initialized ({', '.join(ck.get('missing', [])[:6]) or 'none'}) and "
+                      f"{len(ck.get('unused', []))} tensors unused ({', '.join(ck.get('unused', [])[:6]) or 'none'}).", ""]
     lines += ["## Parent shards", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {s['file']} | `{s['sha256']}` |" for s in report["parent"]["shards"]]
     return "\n".join(lines) + "\n"

@@ -111,11 +111,12 @@ def llama_like(tmp: Path, model_type: str = "llama", *, dead_hidden=16, dead_ffn
     return pl
 
 
-def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None, dtype=torch.float32) -> Planted:
+def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None, dtype=torch.float32,
+         n_positions=64) -> Planted:
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_inner=n_inner,
-                                  layer_norm_epsilon=1e-12)
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=n_positions, n_embd=64, n_layer=4, n_head=4,
+                                  n_inner=n_inner, layer_norm_epsilon=1e-12)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -138,15 +139,17 @@ def gpt2(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, n_inner=None, dtyp
     return pl
 
 
-def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True, dtype=torch.float32) -> Planted:
+def bert(tmp: Path, *, dead_ffn=32, dead_layers=(1,), seed=0, mlm=True, dtype=torch.float32,
+         max_position_embeddings=64, pooler=True) -> Planted:
     """BERT is post-LayerNorm: a layer is the identity when its attention and FFN outputs are
     zero and its LayerNorms (and the one before it) are the plain (1, 0) normalization."""
     import transformers
 
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64, layer_norm_eps=1e-12)
+                                  intermediate_size=128, max_position_embeddings=max_position_embeddings,
+                                  layer_norm_eps=1e-12)
     torch.manual_seed(seed)
-    model = transformers.BertForMaskedLM(cfg) if mlm else transformers.BertModel(cfg, add_pooling_layer=True)
+    model = transformers.BertForMaskedLM(cfg) if mlm else transformers.BertModel(cfg, add_pooling_layer=pooler)
     gen = torch.Generator().manual_seed(seed)
     _randomize(model, gen)
     core = model.bert if mlm else model

@@ -4,6 +4,7 @@ a real cut scores between the parent and a random-init child."""
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import planted
@@ -58,3 +59,123 @@ def test_subclone_writes_verification_into_report(tmp_path, write_recipe):
     rep = json.loads((tmp_path / "c" / "shrinkit_report.json").read_text())
     assert rep["verify"]["child"]["kl"] < 1e-6
     assert "## Verification" in (tmp_path / "c" / "shrinkit_report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- streamed == whole-model
+def _whole_random_child(child, fam, seed):
+    """transformers' whole model of the child's shape holding exactly the weights the streamed
+    random child draws (block by block, tables chunk by chunk)."""
+    import transformers
+
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.verify import RandomBlockModel
+
+    with open_checkpoint(child) as ck:
+        rm = RandomBlockModel(ck, fam, "cpu", None, seed)
+        whole = getattr(transformers, fam.block.auto).from_config(rm.config, dtype=torch.float32,
+                                                                 attn_implementation="sdpa").eval()
+        params = dict(whole.named_parameters())
+        pieces = list(rm.layers) + fam.embedding_modules(rm) + [m for m in (rm.final_norm(),) if m is not None]
+        with torch.no_grad():
+            for mod in pieces:
+                rm.load(mod)
+                prefix = rm._full(mod)
+                for n, p in mod.named_parameters():
+                    if p.device.type != "meta":
+                        params[f"{prefix}.{n}"].copy_(p)
+                rm.free(mod)
+            for table in {id(t): t for t in (rm._emb, rm._out) if t is not None}.values():
+                name = f"{rm._full(table)}.weight"
+                if name in params:  # a tied head is the embedding's parameter (listed once)
+                    params[name].copy_(torch.cat([c for _, _, c in rm.table_chunks(table)]))
+    return whole
+
+
+def _reference(parent, child, ids, fam, seed, causal):
+    """Verification as it was computed before streaming: whole models in float32 (the parent and
+    child by from_pretrained, the random child holding the same draws as the streamed one)."""
+    import torch.nn.functional as F
+    import transformers
+
+    from shrinkit.verify import _pairwise, _pearson, _spearman
+
+    cls = getattr(transformers, fam.block.auto)
+    models = {"parent": cls.from_pretrained(str(parent), dtype=torch.float32, attn_implementation="sdpa").eval(),
+              "child": cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation="sdpa").eval(),
+              "random_init": _whole_random_child(child, fam, seed)}
+    out = {}
+    with torch.no_grad():
+        if causal:
+            logps = {k: F.log_softmax(m(input_ids=ids).logits.float(), -1) for k, m in models.items()}
+            lp, tgt = logps["parent"], ids[:, 1:].reshape(-1)
+            for k, l in logps.items():
+                loss = float(F.nll_loss(l[:, :-1].reshape(-1, l.shape[-1]), tgt)) 
+                out[k] = {"loss": loss}
+                if k != "parent":
+                    out[k]["kl"] = float((lp.exp() * (lp - l)).sum()) / ids.numel()
+        else:
+            pooled = {k: m(input_ids=ids).last_hidden_state.float().mean(1) for k, m in models.items()}
+            ref = _pairwise(pooled["parent"])
+            for k in ("child", "random_init"):
+                s = _pairwise(pooled[k])
+                out[k] = {"similarity_pearson": _pearson(s, ref), "similarity_spearman": _spearman(s, ref)}
+    return out
+
+
+def _compare(v, ref):
+    for k, r in ref.items():
+        for m, x in r.items():
+            assert v[k][m] == pytest.approx(x, rel=1e-4, abs=1e-5), (k, m, v[k][m], x)
+
+
+@pytest.mark.parametrize("kind,streamed", [("llama", False), ("llama_tied", True), ("gpt2", True), ("bert", True)])
+def test_streamed_verification_matches_whole_model(tmp_path, monkeypatch, kind, streamed):
+    """Same numbers as whole-model verification on the same tokens. streamed: bf16 parent and tiny
+    cast/activation budgets, so linear weights are cast a few rows at a time, the random child's
+    vocabulary tables are drawn in many chunks, and every micro-batch is one sequence."""
+    import shrinkit.calibrate as C
+    from shrinkit.families import family_for
+    from shrinkit.verify import heldout_tokens
+
+    dt = torch.bfloat16 if streamed else torch.float32
+    if streamed:
+        monkeypatch.setattr(C, "CAST_BYTES", 2048)
+        monkeypatch.setattr(C, "ACT_BYTES", 2048)
+    make = {"llama": lambda p: planted.llama_like(p, dtype=dt),
+            "llama_tied": lambda p: planted.llama_like(p, "qwen2", tie=True, attention_bias=True, dtype=dt),
+            "gpt2": lambda p: planted.gpt2(p, dtype=dt),
+            "bert": lambda p: planted.bert(p, mlm=False, dtype=dt)}[kind]
+    pl = make(tmp_path / "p")
+    cut = dict(intermediate_size=96, num_hidden_layers=3) if kind in ("gpt2", "bert") else \
+        dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3)
+    run(pl.path, tmp_path / "c", target=cut, stages=[{"rank_neurons": {"method": "random"}},
+                                                     {"drop_layers": {"strategy": "middle"}},
+                                                     {"slice_embeddings": {}}], output={"dtype": "float32"})
+    spec = Verify(data="random_tokens", samples=5, seq_len=12, batch_size=3)
+    v = verify_child(pl.path, tmp_path / "c", spec, seed=3)
+    from shrinkit.checkpoint.reader import open_checkpoint
+    with open_checkpoint(pl.path) as ck:
+        fam = family_for(ck.config)
+        ids = heldout_tokens(ck, spec, seed=3)
+    ref = _reference(pl.path, tmp_path / "c", ids, fam, 3, v["kind"] == "causal_lm")
+    _compare(v, ref)
+    if v["kind"] == "causal_lm":  # the three models are told apart (the comparison can fail)
+        assert v["child"]["kl"] > 1e-3 and v["random_init"]["kl"] > 1e-3
+
+
+def test_random_child_is_seeded_and_drawn_like_transformers(tmp_path):
+    """The random child is the same for the same seed, differs for another, and its weights have
+    the spread of transformers' own init for the model (normal, initializer_range)."""
+    pl = planted.llama_like(tmp_path / "p")
+    run(pl.path, tmp_path / "c", stages=[{"slice_embeddings": {}}])
+    from shrinkit.families import family_for
+    fam = family_for(json.loads((tmp_path / "c" / "config.json").read_text()))
+    a = _whole_random_child(tmp_path / "c", fam, 0).state_dict()
+    b = _whole_random_child(tmp_path / "c", fam, 0).state_dict()
+    c = _whole_random_child(tmp_path / "c", fam, 1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    w = a["model.layers.0.mlp.up_proj.weight"]
+    assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002
+    assert torch.equal(a["model.layers.0.input_layernorm.weight"], torch.ones(64))

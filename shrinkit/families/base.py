@@ -205,6 +205,11 @@ class Family:
             out[k] = dtype_name
         return out
 
+    def max_positions(self, cfg: dict) -> int | None:
+        """The longest sequence the model takes (its position table), or None where it has no limit."""
+        v = self._get(cfg, "max_position_embeddings")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
     def tied(self, cfg: dict) -> bool:
         v = cfg.get("tie_word_embeddings")
         return self.tie_default if v is None else bool(v)

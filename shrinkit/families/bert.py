@@ -56,6 +56,7 @@ ENCODER_KEYS = {
     "num_key_value_heads": None,
     "num_hidden_layers": "num_hidden_layers",
     "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
 }
 ENCODER_BLOCK = Block("AutoModel", "", "encoder.layer",
                       observe={S.Q_HEADS: "attention.output.dense", S.FFN: "output.dense"}, causal=False,

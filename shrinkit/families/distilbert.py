@@ -53,6 +53,7 @@ distilbert = Encoder(
         "num_key_value_heads": None,
         "num_hidden_layers": "n_layers",
         "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_position_embeddings",
     },
     norm="layer",
     tie_default=True,

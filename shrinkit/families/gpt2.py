@@ -50,6 +50,7 @@ gpt2 = GPT2(
         "num_key_value_heads": None,
         "num_hidden_layers": "n_layer",
         "vocab_size": "vocab_size",
+        "max_position_embeddings": "n_positions",
     },
     norm="layer",
     tie_default=True,

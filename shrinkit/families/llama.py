@@ -47,6 +47,7 @@ llama = Llama(
         "num_key_value_heads": "num_key_value_heads",
         "num_hidden_layers": "num_hidden_layers",
         "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_position_embeddings",
     },
     norm="rms",
     tie_default=False,

@@ -6,7 +6,15 @@ the word embeddings)."""
 from .bert import EMBEDDINGS_AND_BLOCKS, ENCODER_BLOCK, ENCODER_KEYS, POOLER, Encoder
 from .spaces import Space as S, rule
 
-roberta = Encoder(
+class Roberta(Encoder):
+    def max_positions(self, cfg: dict) -> int | None:
+        """Positions start past the padding index: max_position_embeddings - pad_token_id - 1 usable."""
+        n = super().max_positions(cfg)
+        pad = cfg.get("pad_token_id", 1)
+        return n - pad - 1 if n is not None and isinstance(pad, int) and n - pad - 1 > 0 else n
+
+
+roberta = Roberta(
     name="roberta",
     model_types=("roberta", "xlm-roberta"),
     rules=EMBEDDINGS_AND_BLOCKS + POOLER + (
