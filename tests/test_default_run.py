@@ -317,7 +317,7 @@ def test_every_check_comes_before_any_work(tmp_path, write_recipe, no_work, monk
         (_act("builtin"), [], "tokenizer"),                                   # parent without a tokenizer
         (_act("builtin"), ["--tokenizer", notok], "holds no tokenizer"),       # --tokenizer without one
         (_act(tmp_path / "missing.txt"), [], "neither builtin"),
-        (_act(tmp_path), [], "not a file"),
+        (_act(tmp_path), [], "neither builtin"),                             # a folder
         (_act(empty), [], "is empty"),
         (_act(latin), [], "not UTF-8"),
         (_act(badjsonl), [], '"text" field'),
