@@ -90,16 +90,19 @@ def check_data(data: str) -> None:
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < (1 << 20))
     except UnicodeDecodeError as e:
         raise RecipeError(f"calibration data {data} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if p.suffix == ".jsonl":
+    if p.suffix == ".jsonl":  # the first row, checked as _text() checks every row
         lines = text.splitlines()
         complete = lines if len(head) < (1 << 20) else lines[:-1]
-        first = next((ln for ln in complete if ln.strip()), None)
-        try:
-            ok = first is not None and isinstance(json.loads(first).get("text"), str)
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise RecipeError(f"{p}: each .jsonl line must be an object with a \"text\" field")
+        for i, ln in enumerate(complete):
+            if not ln.strip():
+                continue
+            try:
+                Row.model_validate(loads(ln))
+            except (ValueError, ValidationError) as e:
+                why = field_error(e) if isinstance(e, ValidationError) else "not a JSON object"
+                raise RecipeError(f"{p}:{i + 1}: {why}; each .jsonl line must be an object with a "
+                                  "\"text\" string") from None
+            break
 
 
 _TOKENIZERS: dict = {}

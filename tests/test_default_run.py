@@ -320,7 +320,7 @@ def test_every_check_comes_before_any_work(tmp_path, write_recipe, no_work, monk
         (_act(tmp_path), [], "neither builtin"),                             # a folder
         (_act(empty), [], "is empty"),
         (_act(latin), [], "not UTF-8"),
-        (_act(badjsonl), [], '"text" field'),
+        (_act(badjsonl), [], 'bad.jsonl:1'),
         (_act("random_tokens", seq_len=65), [], "64 positions"),
         (_act("random_tokens"), ["--device", "cuda:7"], "no CUDA device"),
         (_act("random_tokens"), ["--device", "tpu"], "--device"),
