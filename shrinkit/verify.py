@@ -345,7 +345,7 @@ def table(v: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ the cheap check
-FINITE_CHUNK = 1 << 22  # elements checked at a time
+FINITE_CHUNK = 1 << 20  # elements checked at a time (bounds the temporaries)
 
 
 def structural_check(child: str | Path, expected: dict[str, tuple], child_dims: dict | None = None) -> dict:
