@@ -627,6 +627,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", help="comma-separated peak learning rates")
     ap.add_argument("--evals", type=int, help="evaluations after init (default by mode)")
     ap.add_argument("--eval-windows", type=int, help="held-out windows per text")
+    ap.add_argument("--calib-samples", type=int, help="calibration samples of the LM arms (default by mode)")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--keep-children", action="store_true", help="keep the child folders (deleted by default)")
@@ -644,7 +645,7 @@ def main(argv=None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = dict(MODES["full-gpu" if mode == "full" and device != "cpu" else mode])
-    for k in ("steps", "budget_min", "seq_len", "batch", "evals", "eval_windows"):
+    for k in ("steps", "budget_min", "seq_len", "batch", "evals", "eval_windows", "calib_samples"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.steps is not None:
