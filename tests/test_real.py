@@ -76,3 +76,23 @@ def test_dinov2_subclones_to_vit_tiny_width_and_verifies(tmp_path):
     v = res.report["verify"]
     assert v["kind"] == "encoder" and v["pool"] == "first"
     assert v["child"]["similarity_spearman"] > v["random_init"]["similarity_spearman"]
+
+def test_heal_lowers_every_layer_error_on_minilm(tmp_path):
+    """A real parent (all-MiniLM-L6-v2, post-LayerNorm) cut to 3 layers at hidden 256 and healed:
+    every kept layer's attention and residual errors on the calibration text go down."""
+    import assets
+    from shrinkit.recipe import load_recipe
+
+    r = load_recipe(RECIPES / "minilm-l3-h256.yaml")
+    calib = {"samples": 16, "seq_len": 128}
+    stages = [s for s in r.stages if "slice_embeddings" not in s and "rescale_norms" not in s]
+    r = recipe(target=r.target.model_dump(exclude_none=True),
+               stages=stages + [{"heal": {"calibration": calib}}, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    res = subclone(assets.minilm(), r, tmp_path / "child")
+    layers = next(s for s in res.report["stages"] if s["stage"] == "heal")["layers"]
+    assert len(layers) == 3
+    for layer in layers:
+        for key in ("attn_rel_err", "residual_rel_err"):
+            before, after = layer[key]
+            assert after < before, layer
+    load(tmp_path / "child", "AutoModel")
