@@ -88,3 +88,19 @@ def test_rotation_order_errors():
         recipe(stages=[ROTATE, {"rank_neurons": {}}, {"slice_embeddings": {}}])
     with pytest.raises(ValueError, match="rotate_hidden must come before slice_embeddings"):
         recipe(stages=[{"slice_embeddings": {}}, ROTATE])
+
+
+def test_rotate_then_heal_keeps_a_planted_parent_exact(tmp_path):
+    """rotate_hidden followed by heal on a tied planted parent (dead dims, neurons, a KV group and
+    a layer cut): heal fits in the rotated basis and leaves the exact child exact."""
+    pl = planted.llama_like(tmp_path / "p", tie=True)
+    res = run(pl.path, tmp_path / "c", target=dict(hidden_size=48, intermediate_size=64, num_key_value_heads=1,
+                                                    num_attention_heads=2, num_hidden_layers=3),
+              stages=[{"rank_neurons": {"method": "activation", "calibration": CALIB}},
+                      {"drop_layers": {"keep": [0, 1, 3]}}, ROTATE, {"heal": {"calibration": CALIB}},
+                      {"slice_embeddings": {}}])
+    heal = next(s for s in res.report["stages"] if s["stage"] == "heal")
+    for layer in heal["layers"]:
+        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-5, layer
+    ids = tokens(96)
+    assert rel_err(logits(tmp_path / "c", ids), logits(pl.path, ids)) < 1e-4
