@@ -57,7 +57,17 @@ def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch
     block of a few MB however large the tensor is."""
     idx = [plan.axis_index(a, ct.layer, s, ct.expert) for a, s in zip(ct.rule.axes, t.shape)]
     if plan.rotation is not None and Space.HIDDEN in ct.rule.axes:
-        # a projected tensor mixes all parent rows of its hidden axis: made whole, then yielded in blocks
+        ax = ct.rule.axes.index(Space.HIDDEN)
+        if not ct.norm and t.dim() == 2 and ax == 1:  # embeddings and readers: rows project independently
+            rows = idx[0]
+            n_rows = rows.length if rows is not None else t.shape[0]
+            step = max(1, BLOCK_BYTES // max(1, t.shape[1] * 4))
+            for r0 in range(0, n_rows, step):
+                r1 = min(n_rows, r0 + step)
+                part = t[r0:r1] if rows is None else t.index_select(0, rows.tensor[r0:r1])
+                yield _rotated(plan, ct, part, [None, *idx[1:]])
+            return
+        # writers (hidden on their first axis) mix all parent rows: made whole, then yielded in blocks
         x = _rotated(plan, ct, t, idx)
         step = max(1, BLOCK_BYTES // max(1, x[0].numel() * x.element_size())) if x.dim() > 1 else len(x)
         for r0 in range(0, len(x), step):
