@@ -77,6 +77,7 @@ def test_dinov2_subclones_to_vit_tiny_width_and_verifies(tmp_path):
     assert v["kind"] == "encoder" and v["pool"] == "first"
     assert v["child"]["similarity_spearman"] > v["random_init"]["similarity_spearman"]
 
+
 def test_heal_lowers_every_layer_error_on_minilm(tmp_path):
     """A real parent (all-MiniLM-L6-v2, post-LayerNorm) cut to 3 layers at hidden 256 and healed:
     every kept layer's attention and residual errors on the calibration text go down."""
