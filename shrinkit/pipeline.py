@@ -413,6 +413,8 @@ def _heal(ckpt: Checkpoint, plan: Plan, stage, recipe: Recipe, progress: Progres
         b = plan.family.block
         if b is None or not (b.out_proj and b.down_proj):
             return {"skipped": f"heal has no block description for the {plan.family.name} family yet (when: auto)"}
+        if b.residual_norm:  # measured worse than no refit on MiniLM (BENCHMARKS.md): opt-in only
+            return {"skipped": "post-norm family: heal is opt-in here (`when: always`) (when: auto)"}
         if len(plan.layers) == plan.parent.num_hidden_layers:
             return {"skipped": "no layer is dropped (when: auto)"}
         if not _has_text(ckpt, stage.calibration, opts["tokenizer"]):

@@ -150,6 +150,11 @@ def test_default_pipeline_heals_only_when_layers_drop(tmp_path):
     res = run(pl.path, tmp_path / "c", target=dict(intermediate_size=64),
               stages=[RANK, {"heal": {"when": "auto", "calibration": CALIB}}, {"slice_embeddings": {}}])
     assert heal_stage(res)["skipped"] == "no layer is dropped (when: auto)"
+    enc = planted.bert(tmp_path / "b", mlm=False)
+    res = run(enc.path, tmp_path / "d", target=dict(num_hidden_layers=3),
+              stages=[{"drop_layers": {"keep": [0, 2, 3]}}, {"heal": {"when": "auto", "calibration": CALIB}},
+                      {"slice_embeddings": {}}])
+    assert heal_stage(res)["skipped"].startswith("post-norm family")
 
 
 def heal_stage(res) -> dict:
