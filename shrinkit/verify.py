@@ -230,21 +230,28 @@ def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int
         parts[k] = (norm, head)
     try:
         tot = {k: {"nll": 0.0, "kl": 0.0} for k in models}
+        T = ids.shape[1]
+        flat = ids.reshape(-1)
+        tgt_all = torch.full_like(flat, -100)       # position t predicts token t + 1 of its sequence
+        tgt_all[:-1] = flat[1:]
+        tgt_all[T - 1::T] = -100
+        chunk = max(1, C.ACT_BYTES // (vocab * 4))  # positions whose logits exist at once (vocab-wide rows)
         n_pred = n_pos = 0
-        step = min(m.micro(batch, ids.shape[1], vocab) for m in models.values())  # logits are the widest
-        for s in range(0, len(ids), step):
-            x = ids[s:s + step].to(dev)
-            logps = {}
+        for p0 in range(0, flat.numel(), chunk):
+            p1 = min(flat.numel(), p0 + chunk)
+            tgt = tgt_all[p0:p1].to(dev)
+            lp = pp = None
             for k, m in models.items():  # the family's logits (final norm, head, any soft-capping)
-                logps[k] = F.log_softmax(m.family.logits(m, states[k][s:s + step].to(dev)).float(), -1)
-            lp = logps["parent"]
-            tgt = x[:, 1:].reshape(-1)
-            for k, l in logps.items():
-                tot[k]["nll"] += float(F.nll_loss(l[:, :-1].reshape(-1, l.shape[-1]), tgt, reduction="sum"))
-                if k != "parent":
-                    tot[k]["kl"] += float((lp.exp() * (lp - l)).sum())
-            n_pred += tgt.numel()
-            n_pos += x.numel()
+                z = states[k].reshape(-1, states[k].shape[-1])[p0:p1][None].to(dev)
+                l = F.log_softmax(m.family.logits(m, z).float()[0], -1)
+                tot[k]["nll"] += float(F.nll_loss(l, tgt, ignore_index=-100, reduction="sum"))
+                if k == "parent":
+                    lp, pp = l, l.exp()
+                else:
+                    tot[k]["kl"] += float((pp * (lp - l)).sum())
+                del l
+            n_pred += int((tgt != -100).sum())
+            n_pos += p1 - p0
     finally:
         for k, m in models.items():
             for mod in parts[k]:
