@@ -177,10 +177,12 @@ def test_parent_without_preprocessor(tmp_path, vision_parent, write_recipe):
                   "no preprocessor_config.json", "random_pixels")
     rc, _, err = cli("subclone", bare, "-r", _recipe(write_recipe, "random_pixels"), "-o", out, "-q")
     assert rc == 0, err
-    # with no data source, the default ranking is magnitude and verification uses random pixels
-    res = subclone(bare, recipe(target={"intermediate_size": 64}), tmp_path / "child2", verify=True)
+    # with no data source, the default ranking is magnitude and an asked-for verification (a data-free run
+    # alone only gets the structural check) uses random pixels
+    res = subclone(bare, recipe(target={"intermediate_size": 64}, verify={}), tmp_path / "child2", verify=True)
     assert res.report["stages"][0]["method"] == "magnitude"
-    assert res.report["verify"]["data"] == "random_pixels" and "note" in res.report["verify"]
+    assert res.report["verify"]["data"] == "random_pixels"
+    assert any("random pixels" in n for n in res.report["notes"]), res.report.get("notes")
 
 
 def test_unreachable_dinov2_width_is_refused(tmp_path, vision_parent, write_recipe):
