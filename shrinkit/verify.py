@@ -201,6 +201,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
         if keys:
             out["child_keys"] = keys
         rm = RandomBlockModel(child_ck, fam, device, scratch, seed)
+        cm._bufs = rm._bufs = bm._bufs   # one set of weight-cast buffers, not one per model
         models = {"parent": bm, "child": cm, "random_init": rm}
         states = {"parent": h, "child": _finals(cm, ids, bs), "random_init": _finals(rm, ids, bs)}
         with torch.no_grad():
@@ -247,8 +248,8 @@ def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int
                 tot[k]["nll"] += float(F.nll_loss(l, tgt, ignore_index=-100, reduction="sum"))
                 if k == "parent":
                     lp, pp = l, l.exp()
-                else:
-                    tot[k]["kl"] += float((pp * (lp - l)).sum())
+                else:   # pp * (lp - l), in place in l's storage: no further vocabulary-wide temporaries
+                    tot[k]["kl"] += float(l.neg_().add_(lp).mul_(pp).sum())
                 del l
             n_pred += int((tgt != -100).sum())
             n_pos += p1 - p0
