@@ -17,7 +17,7 @@ written by the shrinkit CLI
   rotate            activation ranking for FFN neurons and heads, drop_layers middle, and
                     rotate_hidden (top principal directions of the residual stream instead of a
                     subset of dims; the tied head is untied, so this arm has vocab x 384 more params)
-  rotate-heal       rotate, then heal
+  (rotate then heal is refused by the recipe validator: that child diverged in training trials)
   magnitude         the same with rank_neurons magnitude
   weight-selection  the weight-selection paper (Xu et al. 2023): rank_neurons uniform (evenly
                     spaced indices), drop_layers first (keep the first N layers), no rescale_norms
@@ -96,9 +96,9 @@ import yaml  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
-ALL_ARMS = ("activation", "activation-heal", "rotate", "rotate-heal", "magnitude", "weight-selection", "random")
+ALL_ARMS = ("activation", "activation-heal", "rotate", "magnitude", "weight-selection", "random")
 LM_ARMS = ALL_ARMS  # --arms picks a subset
-ROTATED = ("rotate", "rotate-heal")  # untied head: more parameters; refused for LayerNorm families (MiniLM)
+ROTATED = ("rotate",)  # untied head: more parameters; refused for LayerNorm families (MiniLM)
 T0 = time.perf_counter()
 
 
@@ -141,7 +141,6 @@ def lm_recipes(target: dict, calib: dict) -> dict[str, dict]:
         "activation": act,
         "activation-heal": {**act, "stages": act["stages"][:2] + [heal] + act["stages"][2:]},
         "rotate": {**act, "stages": act["stages"][:2] + [rot, {"slice_embeddings": {}}]},
-        "rotate-heal": {**act, "stages": act["stages"][:2] + [rot, heal, {"slice_embeddings": {}}]},
         "magnitude": rec({"method": "magnitude"}, "middle", True),
         "weight-selection": rec({"method": "uniform"}, "first", False),
     }
@@ -804,7 +803,6 @@ def main(argv=None) -> int:
         hows = {"activation": "activation ranking, drop middle, rescale norms",
                 "activation-heal": "activation ranking, drop middle, heal, rescale norms",
                 "rotate": "activation ranking (ffn, heads), drop middle, rotate_hidden (PCA), untied head",
-                "rotate-heal": "as rotate, then heal",
                 "magnitude": "magnitude ranking, drop middle, rescale norms",
                 "weight-selection": f"uniform selection, first {R['config']['lm_shape']['num_hidden_layers']} layers, no rescale",
                 "random": "transformers init of the child config, seed 0"}

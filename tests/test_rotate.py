@@ -90,17 +90,29 @@ def test_rotation_order_errors():
         recipe(stages=[{"slice_embeddings": {}}, ROTATE])
 
 
-def test_rotate_then_heal_keeps_a_planted_parent_exact(tmp_path):
-    """rotate_hidden followed by heal on a tied planted parent (dead dims, neurons, a KV group and
-    a layer cut): heal fits in the rotated basis and leaves the exact child exact."""
+def test_rotate_with_heal_is_refused_before_any_work(tmp_path):
+    """rotate_hidden and heal in one recipe: a one-line recipe error (exit 2) that says why and
+    what to do, and no output folder. Each stage alone is accepted (negative control)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from shrinkit.cli import app
+
     pl = planted.llama_like(tmp_path / "p", tie=True)
-    res = run(pl.path, tmp_path / "c", target=dict(hidden_size=48, intermediate_size=64, num_key_value_heads=1,
-                                                    num_attention_heads=2, num_hidden_layers=3),
-              stages=[{"rank_neurons": {"method": "activation", "calibration": CALIB}},
-                      {"drop_layers": {"keep": [0, 1, 3]}}, ROTATE, {"heal": {"calibration": CALIB}},
-                      {"slice_embeddings": {}}])
-    heal = next(s for s in res.report["stages"] if s["stage"] == "heal")
-    for layer in heal["layers"]:
-        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-5, layer
-    ids = tokens(96)
-    assert rel_err(logits(tmp_path / "c", ids), logits(pl.path, ids)) < 1e-4
+    target = dict(hidden_size=48, intermediate_size=64, num_key_value_heads=1, num_attention_heads=2,
+                  num_hidden_layers=3)
+    for heal in ({"heal": {"calibration": CALIB}}, {"heal": {"when": "auto", "calibration": CALIB}}):
+        stages = [{"rank_neurons": {"method": "activation", "calibration": CALIB}}, ROTATE, heal,
+                  {"slice_embeddings": {}}]
+        with pytest.raises(ValueError, match="rotate_hidden and heal cannot be combined yet"):
+            recipe(target=target, stages=stages)
+        rf = tmp_path / "r.yaml"
+        rf.write_text(yaml.safe_dump({"target": target, "stages": stages}))
+        r = CliRunner().invoke(app, ["subclone", str(pl.path), "-r", str(rf), "--out", str(tmp_path / "c")])
+        assert r.exit_code == 2, r.output
+        assert "diverged in training" in r.stderr and "keep one of the two stages" in r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert not (tmp_path / "c").exists()
+    for stages in ([ROTATE, {"slice_embeddings": {}}], [{"heal": {"calibration": CALIB}}, {"slice_embeddings": {}}]):
+        recipe(target=target, stages=stages)  # each alone is a valid recipe
+
