@@ -20,7 +20,7 @@ min ||X W - Y||^2 + lambda ||W - W0||^2 with lambda = alpha x the mean diagonal 
 child that already reproduces the parent is left as it is (the fit is exact). Biases are fitted
 too where the projection has one.
 
-Memory: one parent block and one child block at a time, the Gram matrix (in x in, float64) and
+Memory: one parent block and one child block at a time, the Gram matrix (in x in, float32) and
 cross term (in x out) of the projection being fitted, and two activation buffers (the parent's
 and the child's residual streams) in scratch-file mappings. The fitted tensors go to a scratch safetensors file in the output's
 temporary folder, one per child layer; the writer takes them instead of slicing the parent's.
@@ -110,16 +110,21 @@ class Fit:
 
     def add(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> None:
         """x: the map's input rows, r: target minus current output, w: per-token weights."""
-        x = x.reshape(-1, x.shape[-1]).float()
         w = w.reshape(-1, 1).float()
         rw = r.reshape(-1, r.shape[-1]).float() * w
-        xw = x * w
-        if self.bias:
-            xw = torch.cat([xw, w], 1)
-        self.G.addmm_(xw.T, xw)
-        self.E.addmm_(xw.T, rw)
-        self.e0 += float(rw.double().pow(2).sum())
-        self.ref += float((ref.reshape(-1, ref.shape[-1]).double() * w.double()).pow(2).sum())
+        xw = x.reshape(-1, x.shape[-1]).float() * w  # one float32 copy of the chunk's inputs
+        n = xw.shape[1]
+        self.G[:n, :n].addmm_(xw.T, xw)
+        self.E[:n].addmm_(xw.T, rw)
+        if self.bias:  # the constant input w: its row and column of G, its row of E
+            col = xw.T @ w
+            self.G[:n, n:].add_(col)
+            self.G[n:, :n].add_(col.T)
+            self.G[n:, n:].add_(w.T @ w)
+            self.E[n:].add_(w.T @ rw)
+        del xw
+        self.e0 += float(rw.pow(2).sum(dtype=torch.float64))
+        self.ref += float((ref.reshape(-1, ref.shape[-1]).float() * w).pow(2).sum(dtype=torch.float64))
 
     def solve(self, alpha: float) -> tuple[torch.Tensor, float, float]:
         """(Delta [in (+1), out], relative error before, after). lambda = alpha * mean diag(G).
@@ -130,10 +135,19 @@ class Fit:
         L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if int(info) != 0:  # pragma: no cover - A is positive definite
             raise RuntimeError("heal: the Gram matrix is not positive definite")
-        D = torch.cholesky_solve(self.E, L)
-        # ||X (W0 + D) - Y||^2 = e0 - 2 <D, E> + <D, G D>, and G D = E - lambda D at the solution
-        after = self.e0 - float((D.double() * self.E.double()).sum()) - lam * float(D.double().pow(2).sum())
+        E = self.E
         self.G = self.E = None
+        D = torch.cholesky_solve(E, L)
+        del A, L  # the factor (G's storage) is not needed once D is known
+        # ||X (W0 + D) - Y||^2 = e0 - 2 <D, E> + <D, G D>, and G D = E - lambda D at the solution;
+        # the sums in float64, a row block at a time (no whole float64 copies of D and E)
+        de = dd = 0.0
+        for r0 in range(0, len(D), 256):
+            d, e = D[r0:r0 + 256].double(), E[r0:r0 + 256].double()
+            de += float((d * e).sum())
+            dd += float(d.pow(2).sum())
+        del E
+        after = self.e0 - de - lam * dd
         ref = max(self.ref, 1e-300)
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
@@ -253,7 +267,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         cm.load(clayer)
         o = clayer.get_submodule(ad.out_proj)
         d = clayer.get_submodule(ad.down_proj)
-        fo, fd = _fit_for(o, ad.in_first), _fit_for(d, ad.in_first)
+        fo = _fit_for(o, ad.in_first)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
 
         # 1. parent layer p (its attention output is the target) and the child's layer k, chunk by
         # chunk together: the child's attention output projection input against the parent's output
@@ -282,8 +296,11 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             nxt += 1
 
         # 3. the MLP output projection: the child's residual onto the parent's
+        del fo
+        fd = _fit_for(d, ad.in_first)
         child_pass(clayer, fit_down=fd)
         D, *e_d = fd.solve(stage.alpha)
+        del fd
         _apply(d, D, ad.in_first)
         del D
 
