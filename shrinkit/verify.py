@@ -318,7 +318,7 @@ def apply_gate(v: dict, gate: dict) -> None:
         s = gate.get("min_similarity")
         if s is not None and not v["child"]["similarity_pearson"] >= s:
             missed.append(f"child similarity r {v['child']['similarity_pearson']:.4f} < min_similarity {s:g}")
-    v["gate"] = {"limits": dict(gate), "missed": missed}
+    v["gate"] = {"limits": dict(gate), "missed": missed, "passed": not missed}
     if missed:
         v["status"] = "gate_missed"
 

@@ -151,3 +151,36 @@ def test_readme_ci_job_runs(tmp_path, parent, write_recipe, monkeypatch):
     (tmp_path / "result.json").write_text(json.dumps(j))
     bad = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 1 and "no better than random" in bad.stderr
+
+
+def test_gate_result_in_json_drives_the_readme_gate_step(tmp_path, parent, write_recipe):
+    """A recipe gate's result reaches --json with `passed`, which the README's Gate step reads:
+    a generous gate passes the step, an impossible one exits 4 and its result fails the step."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "student-init" in b)
+    steps = {s.get("name", s.get("uses", "")): s for s in yaml.safe_load(block)["jobs"]["student"]["steps"]}
+    script = steps["Gate"]["run"].split("<<'EOF'\n", 1)[1].rsplit("EOF", 1)[0]
+    spec = {"data": "random_tokens", "samples": 2, "seq_len": 16}
+    results = {}
+    for name, gate in (("loose", {"max_kl": 1e6, "max_perplexity_ratio": 1e6}), ("tight", {"max_kl": 0.0})):
+        r = cli("subclone", parent, "-r", write_recipe({**HALF, "verify": {**spec, **gate}}),
+                "-o", tmp_path / name, "--json", "-q")
+        results[name] = (r.exit_code, json.loads(r.stdout))
+    (code, loose), (tcode, tight) = results["loose"], results["tight"]
+    assert code == 0 and loose["gate"]["passed"] is True and loose["gate"]["missed"] == []
+    assert tcode == 4 and tight["gate"]["passed"] is False and tight["gate"]["missed"]
+    assert (tmp_path / "tight" / "shrinkit_report.json").is_file()  # a missed gate keeps the child
+    for j, want in ((loose, 0), (tight, 1)):
+        # the step's random-init comparison is not what this test is about: make it pass
+        j["verify"] = {"kind": "causal_lm", "child": {"perplexity": 70.0}, "random_init": {"perplexity": 80.0}}
+        (tmp_path / "result.json").write_text(json.dumps(j))
+        p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == want, p.stderr
+        if want:
+            assert "verification gate failed" in p.stderr
