@@ -135,14 +135,15 @@ def normalize(imgs: np.ndarray, pre: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- arms
-def recipes() -> dict[str, dict]:
+def recipes(layers: int = 6) -> dict[str, dict]:
     calib = {"data": "builtin", "samples": 48}
+    target = dict(TARGET, num_hidden_layers=layers)
 
     def rec(rank: dict, drop: dict, rescale: bool):
         st = [{"rank_neurons": rank}, {"drop_layers": drop}, {"slice_embeddings": {}}]
         if rescale:
             st.append({"rescale_norms": {}})
-        return {"target": dict(TARGET), "stages": st, "output": {"dtype": "float32"},
+        return {"target": dict(target), "stages": st, "output": {"dtype": "float32"},
                 "verify": {"data": "builtin", "samples": 20}, "seed": 0}
 
     return {
@@ -265,7 +266,7 @@ def finetune(model, xtr, ytr, xte, yte, steps: int, batch: int, eval_every: int)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve["step"].append(step + 1)
             curve["acc"].append(evaluate())
@@ -291,9 +292,10 @@ def machine() -> dict:
 def markdown(R: dict) -> str:
     L = [f"Run {R['date']}, {R['seconds']:.0f} s wall; machine: {R['machine']['cores']} cores, load at start "
          f"{R['machine']['load'][0]:.2f}; command: `{R['command']}`.", ""]
+    rnd = R["finetune"].get("random", {}).get("acc", [float("nan")])[-1]
     L += ["| arm | subclone s | verify: CLS similarity Spearman (builtin held-out) | random init (same table) | "
           "CLS sim. Spearman on task test images | linear probe acc | fine-tune acc at step 0 → final | "
-          f"steps to random's final acc ({R['finetune']['random']['acc'][-1]:.3f}) |",
+          f"steps to random's final acc ({rnd:.3f}) |",
           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in ("parent", *ARMS):
         a = R["arms"][arm]
@@ -306,6 +308,8 @@ def markdown(R: dict) -> str:
                  + (f"{ft['acc'][0]:.3f} → {ft['acc'][-1]:.3f} | {ft.get('steps_to_random') or '-'} |" if ft
                     else "- | - |"))
     ft = R["finetune"]
+    if "random" not in ft:
+        return "\n".join(L) + "\n"
     L += ["", "Fine-tune test accuracy by step:", "",
           "| step | " + " | ".join(a for a in ARMS if a in ft) + " |", "|---:|" + "---:|" * sum(a in ft for a in ARMS)]
     steps = ft["random"]["step"]
@@ -322,7 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--train", type=int, default=600)
     ap.add_argument("--test", type=int, default=300)
-    ap.add_argument("--finetune-arms", default="activation,weight-selection,random")
+    ap.add_argument("--finetune-arms", default="activation,weight-selection,random",
+                    help="comma-separated; empty: linear probes only")
+    ap.add_argument("--layers", type=int, default=6, help="the child's depth (12: ViT-T width only)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     out = (args.out or assets.cache_dir() / "bench" / "vision_quality").resolve()
@@ -335,7 +341,7 @@ def main(argv=None) -> int:
     parent = assets.dinov2()
     pre = json.loads((parent / "preprocessor_config.json").read_text())
     children = {}
-    for name, rec in recipes().items():
+    for name, rec in recipes(args.layers).items():
         children[name], secs, rep = subclone(parent, rec, name, out)
         R["arms"][name] = {"subclone_s": secs, "verify": rep.get("verify"), "kept_layers": rep.get("kept_layers")}
         log(f"{name}: subclone {secs:.1f} s, verify {rep.get('verify', {}).get('child')}")
@@ -358,14 +364,15 @@ def main(argv=None) -> int:
         R["arms"][arm]["probe"] = linear_probe(torch.cat([ctr, mtr], 1), ytr, torch.cat([cte, mte], 1), yte)
         log(f"{arm}: probe {R['arms'][arm]['probe']:.3f}, test-image similarity {R['arms'][arm]['sim_test']:.4f} "
             f"({time.perf_counter() - t:.0f} s)")
-    for arm in args.finetune_arms.split(","):
+    for arm in [a for a in args.finetune_arms.split(",") if a]:
         model = load_arm(arm, children, parent, children["activation"])
         R["finetune"][arm] = finetune(model, xtr, ytr, xte, yte, args.steps, args.batch, args.eval_every)
         c = R["finetune"][arm]
         log(f"{arm}: fine-tune acc {c['acc'][0]:.3f} -> {c['acc'][-1]:.3f} in {c['seconds']:.0f} s")
-    target = R["finetune"]["random"]["acc"][-1]
-    for arm, c in R["finetune"].items():
-        c["steps_to_random"] = steps_to(c, target)
+    if "random" in R["finetune"]:
+        target = R["finetune"]["random"]["acc"][-1]
+        for arm, c in R["finetune"].items():
+            c["steps_to_random"] = steps_to(c, target)
     R["seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(R, indent=1) + "\n")
     (out / "results.md").write_text(markdown(R))
