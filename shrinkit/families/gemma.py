@@ -18,6 +18,7 @@ import math
 import torch
 
 from .base import Block, Family
+from .llama import DENSE_MLP, SELF_ATTN
 from .spaces import Space as S, layer_rule, rule
 
 
@@ -91,19 +92,7 @@ KEYS = {
     "num_hidden_layers": "num_hidden_layers",
     "vocab_size": "vocab_size",
 }
-ATTN = (
-    layer_rule(L, "self_attn.q_proj.weight", (S.Q_HEADS, S.HIDDEN)),
-    layer_rule(L, "self_attn.q_proj.bias", (S.Q_HEADS,)),
-    layer_rule(L, "self_attn.k_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-    layer_rule(L, "self_attn.k_proj.bias", (S.KV_HEADS,)),
-    layer_rule(L, "self_attn.v_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-    layer_rule(L, "self_attn.v_proj.bias", (S.KV_HEADS,)),
-    layer_rule(L, "self_attn.o_proj.weight", (S.HIDDEN, S.Q_HEADS)),
-    layer_rule(L, "self_attn.o_proj.bias", (S.HIDDEN,)),
-    layer_rule(L, "mlp.gate_proj.weight", (S.FFN, S.HIDDEN)),
-    layer_rule(L, "mlp.up_proj.weight", (S.FFN, S.HIDDEN)),
-    layer_rule(L, "mlp.down_proj.weight", (S.HIDDEN, S.FFN)),
-)
+ATTN = SELF_ATTN + DENSE_MLP
 ENDS = (
     rule("embed_tokens.weight", (S.VOCAB, S.HIDDEN), tag="embed"),
     rule("norm.weight", (S.HIDDEN,), norm=True, tag="final_norm"),

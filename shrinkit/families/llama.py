@@ -16,25 +16,32 @@ class Llama(Family):
 
 
 L = "layers"
+# q/k/v/o projections (GQA, optional biases) and the gated MLP, shared by the families built like Llama
+SELF_ATTN = (
+    layer_rule(L, "self_attn.q_proj.weight", (S.Q_HEADS, S.HIDDEN)),
+    layer_rule(L, "self_attn.q_proj.bias", (S.Q_HEADS,)),
+    layer_rule(L, "self_attn.k_proj.weight", (S.KV_HEADS, S.HIDDEN)),
+    layer_rule(L, "self_attn.k_proj.bias", (S.KV_HEADS,)),
+    layer_rule(L, "self_attn.v_proj.weight", (S.KV_HEADS, S.HIDDEN)),
+    layer_rule(L, "self_attn.v_proj.bias", (S.KV_HEADS,)),
+    layer_rule(L, "self_attn.o_proj.weight", (S.HIDDEN, S.Q_HEADS)),
+    layer_rule(L, "self_attn.o_proj.bias", (S.HIDDEN,)),
+)
+DENSE_MLP = (
+    layer_rule(L, "mlp.gate_proj.weight", (S.FFN, S.HIDDEN)),
+    layer_rule(L, "mlp.up_proj.weight", (S.FFN, S.HIDDEN)),
+    layer_rule(L, "mlp.down_proj.weight", (S.HIDDEN, S.FFN)),
+)
 llama = Llama(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     rules=(
         rule("embed_tokens.weight", (S.VOCAB, S.HIDDEN)),
-        layer_rule(L, "self_attn.q_proj.weight", (S.Q_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.q_proj.bias", (S.Q_HEADS,)),
-        layer_rule(L, "self_attn.k_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.k_proj.bias", (S.KV_HEADS,)),
-        layer_rule(L, "self_attn.v_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.v_proj.bias", (S.KV_HEADS,)),
-        layer_rule(L, "self_attn.o_proj.weight", (S.HIDDEN, S.Q_HEADS)),
-        layer_rule(L, "self_attn.o_proj.bias", (S.HIDDEN,)),
+        *SELF_ATTN,
         layer_rule(L, "self_attn.q_norm.weight", (None,)),   # over head_dim, shared by heads
         layer_rule(L, "self_attn.k_norm.weight", (None,)),
         layer_rule(L, "self_attn.rotary_emb.inv_freq", (None,), drop=True),
-        layer_rule(L, "mlp.gate_proj.weight", (S.FFN, S.HIDDEN)),
-        layer_rule(L, "mlp.up_proj.weight", (S.FFN, S.HIDDEN)),
-        layer_rule(L, "mlp.down_proj.weight", (S.HIDDEN, S.FFN)),
+        *DENSE_MLP,
         layer_rule(L, "input_layernorm.weight", (S.HIDDEN,), norm=True),
         layer_rule(L, "post_attention_layernorm.weight", (S.HIDDEN,), norm=True),
         rule("norm.weight", (S.HIDDEN,), norm=True),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Block
-from .llama import Llama
+from .llama import DENSE_MLP, SELF_ATTN, Llama
 from .spaces import Space as S, expert_rule, layer_rule, rule
 
 
@@ -104,13 +104,7 @@ L = "layers"
 def attention_rules() -> tuple:
     return (
         rule("embed_tokens.weight", (S.VOCAB, S.HIDDEN)),
-        layer_rule(L, "self_attn.q_proj.weight", (S.Q_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.q_proj.bias", (S.Q_HEADS,)),
-        layer_rule(L, "self_attn.k_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.k_proj.bias", (S.KV_HEADS,)),
-        layer_rule(L, "self_attn.v_proj.weight", (S.KV_HEADS, S.HIDDEN)),
-        layer_rule(L, "self_attn.v_proj.bias", (S.KV_HEADS,)),
-        layer_rule(L, "self_attn.o_proj.weight", (S.HIDDEN, S.Q_HEADS)),
+        *SELF_ATTN,
         layer_rule(L, "self_attn.q_norm.weight", (None,)),   # over head_dim, shared by heads
         layer_rule(L, "self_attn.k_norm.weight", (None,)),
         layer_rule(L, "self_attn.rotary_emb.inv_freq", (None,), drop=True),
@@ -129,11 +123,6 @@ def expert_rules(moe: str, gate_up: tuple[str, str], down: str) -> tuple:
     )
 
 
-DENSE_MLP = (
-    layer_rule(L, "mlp.gate_proj.weight", (S.FFN, S.HIDDEN)),
-    layer_rule(L, "mlp.up_proj.weight", (S.FFN, S.HIDDEN)),
-    layer_rule(L, "mlp.down_proj.weight", (S.HIDDEN, S.FFN)),
-)
 
 ATTN_KEYS = {
     "hidden_size": "hidden_size",
