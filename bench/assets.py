@@ -136,24 +136,35 @@ def _quiet_transformers():
 
 
 # ----------------------------------------------------------------------------- smollm2
-def _smollm2_problem(d: Path) -> str | None:
+def _converted_problem(d: Path, want: dict, header_check=None) -> str | None:
+    """What is wrong with a converted bfloat16 folder (config.json keys as wanted, header_check on the
+    model.safetensors header, every tensor bfloat16, a tokenizer), or None."""
     try:
         cfg = json.loads((d / "config.json").read_text())
         header = _safetensors_header(d / "model.safetensors")
     except (OSError, ValueError) as e:
         return f"unreadable ({e})"
-    want = {"architectures": ["LlamaForCausalLM"], "num_key_value_heads": 3, "num_attention_heads": 9,
-            "hidden_size": 576, "num_hidden_layers": 30, "tie_word_embeddings": True}
     bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
     if bad or "quantization_config" in cfg:
         return f"unexpected config {bad or 'quantization_config'}"
-    if "lm_head.weight" in header or "model.embed_tokens.weight" not in header:
-        return "embeddings not tied as expected in model.safetensors"
+    if header_check is not None and (problem := header_check(header)):
+        return problem
     if {t["dtype"] for t in header.values()} != {"BF16"}:
         return "model.safetensors is not all bfloat16"
     if not (d / "tokenizer.json").is_file():
         return "tokenizer.json missing"
     return None
+
+
+def _smollm2_problem(d: Path) -> str | None:
+    def tied(header: dict) -> str | None:
+        if "lm_head.weight" in header or "model.embed_tokens.weight" not in header:
+            return "embeddings not tied as expected in model.safetensors"
+        return None
+
+    return _converted_problem(d, {"architectures": ["LlamaForCausalLM"], "num_key_value_heads": 3,
+                                  "num_attention_heads": 9, "hidden_size": 576, "num_hidden_layers": 30,
+                                  "tie_word_embeddings": True}, tied)
 
 
 def _smollm2_dir() -> Path:
@@ -574,20 +585,8 @@ def write_builtin_images(dest: Path) -> Path:
 
 # ----------------------------------------------------------------------------- gemma3
 def _gemma3_problem(d: Path) -> str | None:
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-        header = _safetensors_header(d / "model.safetensors")
-    except (OSError, ValueError) as e:
-        return f"unreadable ({e})"
-    want = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "head_dim": 256}
-    bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
-    if bad or "quantization_config" in cfg:
-        return f"unexpected config {bad or 'quantization_config'}"
-    if {t["dtype"] for t in header.values()} != {"BF16"}:
-        return "model.safetensors is not all bfloat16"
-    if not (d / "tokenizer.json").is_file():
-        return "tokenizer.json missing"
-    return None
+    return _converted_problem(d, {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
+                                  "head_dim": 256})
 
 
 def _gemma3_dir() -> Path:
