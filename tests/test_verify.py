@@ -73,7 +73,7 @@ def _whole_random_child(child, fam, seed):
     with open_checkpoint(child) as ck:
         rm = RandomBlockModel(ck, fam, "cpu", None, seed)
         whole = getattr(transformers, fam.block.auto).from_config(rm.config, dtype=torch.float32,
-                                                                 attn_implementation="sdpa").eval()
+                                                                 attn_implementation=fam.block.attn).eval()
         params = dict(whole.named_parameters())
         pieces = list(rm.layers) + fam.embedding_modules(rm) + [m for m in (rm.final_norm(),) if m is not None]
         with torch.no_grad():
@@ -100,8 +100,8 @@ def _reference(parent, child, ids, fam, seed, causal):
     from shrinkit.verify import _pairwise, _pearson, _spearman
 
     cls = getattr(transformers, fam.block.auto)
-    models = {"parent": cls.from_pretrained(str(parent), dtype=torch.float32, attn_implementation="sdpa").eval(),
-              "child": cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation="sdpa").eval(),
+    models = {"parent": cls.from_pretrained(str(parent), dtype=torch.float32, attn_implementation=fam.block.attn).eval(),
+              "child": cls.from_pretrained(str(child), dtype=torch.float32, attn_implementation=fam.block.attn).eval(),
               "random_init": _whole_random_child(child, fam, seed)}
     out = {}
     with torch.no_grad():
@@ -113,8 +113,12 @@ def _reference(parent, child, ids, fam, seed, causal):
                 out[k] = {"loss": loss}
                 if k != "parent":
                     out[k]["kl"] = float((lp.exp() * (lp - l)).sum()) / ids.numel()
-        else:
-            pooled = {k: m(input_ids=ids).last_hidden_state.float().mean(1) for k, m in models.items()}
+        else:   # the last hidden state (after the final norm, where the model has one), pooled
+            pooled = {}
+            for k, m in models.items():
+                o = m(**{fam.block.input_name: ids}, output_hidden_states=True)
+                h = o.last_hidden_state if getattr(o, "last_hidden_state", None) is not None else o.hidden_states[-1]
+                pooled[k] = h.float()[:, 0] if fam.block.pool == "first" else h.float().mean(1)
             ref = _pairwise(pooled["parent"])
             for k in ("child", "random_init"):
                 s = _pairwise(pooled[k])
@@ -179,3 +183,85 @@ def test_random_child_is_seeded_and_drawn_like_transformers(tmp_path):
     w = a["model.layers.0.mlp.up_proj.weight"]
     assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002
     assert torch.equal(a["model.layers.0.input_layernorm.weight"], torch.ones(64))
+
+
+# tiny real parents (random weights with real spread, from each family's transformers config class,
+# as transformers saves them; several in bfloat16), cut in width and depth with random ranking, so
+# the child differs from its parent: the families of bench/families.py, and the vision families
+FAMILY_CASES = sorted(planted.BENCH_CASES) + ["vit", "dinov2"]
+
+
+def _family_parent(kind, path):
+    if kind == "vit":
+        planted.vit(path, dtype=torch.bfloat16)
+        return path, dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_hidden_layers=3)
+    if kind == "dinov2":
+        planted.dinov2(path, swiglu=True)
+        return path, dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_hidden_layers=3)
+    case = planted.BENCH_CASES[kind]
+    case.real(path)
+    return path, dict(case.real_target)
+
+
+@pytest.mark.parametrize("kind", FAMILY_CASES)
+def test_streamed_verification_matches_whole_model_per_family(tmp_path, monkeypatch, kind):
+    """Every family with a block runner: streamed verification (small cast and activation budgets,
+    so weights are cast a few rows at a time and the random child's tables drawn in chunks) gives
+    whole-model transformers verification's numbers on the same inputs, for a cut child."""
+    import shrinkit.calibrate as C
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.families import family_for
+    from shrinkit.verify import heldout_tokens
+
+    monkeypatch.setattr(C, "CAST_BYTES", 4096)
+    monkeypatch.setattr(C, "ACT_BYTES", 4096)
+    parent, target = _family_parent(kind, tmp_path / "p")
+    with open_checkpoint(parent) as ck:
+        fam = family_for(ck.config)
+    data = fam.random_data
+    run(parent, tmp_path / "c", target=target,
+        stages=[{"rank_neurons": {"method": "random"}}, {"drop_layers": {"strategy": "middle"}},
+                {"slice_embeddings": {}}], output={"dtype": "float32"})
+    spec = Verify(data=data, samples=5, seq_len=12, batch_size=3)
+    v = verify_child(parent, tmp_path / "c", spec, seed=3)
+    with open_checkpoint(parent) as ck:
+        ids = heldout_tokens(ck, spec, seed=3)
+    causal = v["kind"] == "causal_lm"
+    assert causal == fam.block.causal
+    ref = _reference(parent, tmp_path / "c", ids, fam, 3, causal)
+    _compare(v, ref)
+    # the three models are told apart, so the comparison above can fail
+    if causal:
+        assert v["child"]["kl"] > 1e-3 and v["random_init"]["kl"] > 1e-3
+        assert v["child"]["loss"] != pytest.approx(v["parent"]["loss"], rel=1e-3)
+    else:
+        assert v["child"]["similarity_pearson"] < 0.9999
+        assert abs(v["child"]["similarity_pearson"] - v["random_init"]["similarity_pearson"]) > 1e-3
+
+
+MINILM = __import__("pathlib").Path("~/.cache/shrinkit/all-minilm-l6-v2").expanduser()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MINILM / "model.safetensors").is_file(), reason="all-MiniLM-L6-v2 not cached (bench/assets.py)")
+def test_streamed_verification_matches_whole_model_on_minilm(tmp_path):
+    """A real pretrained parent (all-MiniLM-L6-v2) cut in width and depth: streamed verification on
+    held-out builtin text gives the whole-model numbers."""
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.families import family_for
+    from shrinkit.verify import heldout_tokens
+
+    run(MINILM, tmp_path / "c", target=dict(hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                                             num_hidden_layers=4),
+        stages=[{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {"strategy": "middle"}},
+                {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    spec = Verify(data="builtin", samples=16, seq_len=64, batch_size=4)
+    v = verify_child(MINILM, tmp_path / "c", spec, seed=0)
+    with open_checkpoint(MINILM) as ck:
+        fam = family_for(ck.config)
+        ids = heldout_tokens(ck, spec, seed=0)
+    assert v["kind"] == "encoder" and v["samples"] == 16
+    ref = _reference(MINILM, tmp_path / "c", ids, fam, 0, False)
+    _compare(v, ref)
+    # a cut child keeps some of the parent's geometry, a random one less: told apart
+    assert v["random_init"]["similarity_pearson"] + 0.05 < v["child"]["similarity_pearson"] < 0.9999
