@@ -95,16 +95,30 @@ def _rms_weight(x: torch.Tensor, on: bool) -> torch.Tensor:
 
 class Fit:
     """The ridge fit of one linear map y = x W (+ b) (W as [in, out]) as a correction Delta to its
-    current weights W0: min ||X (W0 + Delta) - Y||^2 + lambda ||Delta||^2 over weighted token rows.
-    Accumulates G = X^T X and E = X^T (Y - X W0) (float32, in x in and in x out), and the
-    current error e0 = ||Y - X W0||^2 measured directly. A child that already fits has E = 0, so
-    Delta = 0 exactly."""
+    current weights W0: min ||X (W0 + Delta) - Y||^2 + lambda ||Delta||^2 over weighted token rows,
+    lambda = alpha x the mean diagonal of G = X^T X. A child that already fits has Y = X W0, so
+    Delta = 0 exactly.
 
-    def __init__(self, n_in: int, n_out: int, bias: bool, device):
+    With at least as many tokens as inputs (the primal form) it accumulates G and E = X^T (Y - X W0)
+    (float32, in x in and in x out) and solves (G + lambda I) Delta = E. With fewer tokens than
+    inputs (the dual form: the same solution) it keeps the weighted rows of X and of Y - X W0 in
+    scratch-file mappings (like the residual streams) and solves the tokens x tokens system
+    (X X^T + lambda I) C = R, Delta = X^T C: the matrix in memory is tokens x tokens instead of
+    in x in. Either way the current error e0 = ||Y - X W0||^2 is measured directly."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, device, tokens: int | None = None, scratch=None):
         k = n_in + (1 if bias else 0)
         self.bias = bias
-        self.G = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.E = torch.zeros(k, n_out, dtype=torch.float32, device=device)
+        self.k, self.n_out = k, n_out
+        self.dual = tokens is not None and tokens < k
+        self.rows = 0
+        if self.dual:
+            self.X = _rows_buffer((tokens, k), device, scratch)
+            self.R = _rows_buffer((tokens, n_out), device, scratch)
+            self.G = self.E = None
+        else:
+            self.G = torch.zeros(k, k, dtype=torch.float32, device=device)
+            self.E = torch.zeros(k, n_out, dtype=torch.float32, device=device)
         self.e0 = 0.0    # sum of w^2 |y - x W0|^2
         self.ref = 0.0   # sum of w^2 |ref|^2: what the relative error is relative to
 
@@ -112,58 +126,111 @@ class Fit:
         """x: the map's input rows, r: target minus current output, w: per-token weights."""
         w = w.reshape(-1, 1).float()
         rw = r.reshape(-1, r.shape[-1]).float() * w
-        xw = x.reshape(-1, x.shape[-1]).float() * w  # one float32 copy of the chunk's inputs
-        n = xw.shape[1]
-        self.G[:n, :n].addmm_(xw.T, xw)
-        self.E[:n].addmm_(xw.T, rw)
-        if self.bias:  # the constant input w: its row and column of G, its row of E
-            col = xw.T @ w
-            self.G[:n, n:].add_(col)
-            self.G[n:, :n].add_(col.T)
-            self.G[n:, n:].add_(w.T @ w)
-            self.E[n:].add_(w.T @ rw)
-        del xw
+        x = x.reshape(-1, x.shape[-1])
+        n = x.shape[1]
+        if self.dual:  # the weighted rows go to the scratch mappings, the bias input is the weight itself
+            r0, r1 = self.rows, self.rows + len(w)
+            torch.mul(x, w, out=self.X[r0:r1, :n])
+            if self.bias:
+                self.X[r0:r1, n:] = w
+            self.R[r0:r1] = rw
+            self.rows = r1
+        else:
+            xw = x.float() * w  # one float32 copy of the chunk's inputs
+            self.G[:n, :n].addmm_(xw.T, xw)
+            self.E[:n].addmm_(xw.T, rw)
+            if self.bias:  # the constant input w: its row and column of G, its row of E
+                col = xw.T @ w
+                self.G[:n, n:].add_(col)
+                self.G[n:, :n].add_(col.T)
+                self.G[n:, n:].add_(w.T @ w)
+                self.E[n:].add_(w.T @ rw)
+            del xw
         self.e0 += float(rw.pow(2).sum(dtype=torch.float64))
         self.ref += float((ref.reshape(-1, ref.shape[-1]).float() * w).pow(2).sum(dtype=torch.float64))
 
     def solve(self, alpha: float) -> tuple[torch.Tensor, float, float]:
         """(Delta [in (+1), out], relative error before, after). lambda = alpha * mean diag(G).
-        G is factorized in place (it is not needed afterwards)."""
+        The system is factorized in place (it is not needed afterwards)."""
+        if self.dual:
+            return self._solve_dual(alpha)
         lam = max(alpha * float(self.G.diagonal().mean()), 1e-12)
         A = self.G
         A.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
-        if int(info) != 0:  # pragma: no cover - A is positive definite
-            raise RuntimeError("heal: the Gram matrix is not positive definite")
-        E = self.E
+        L = _cholesky_(A)
+        D = self.E  # overwritten by the solution a column block at a time
         self.G = self.E = None
-        D = torch.cholesky_solve(E, L)
-        del A, L  # the factor (G's storage) is not needed once D is known
         # ||X (W0 + D) - Y||^2 = e0 - 2 <D, E> + <D, G D>, and G D = E - lambda D at the solution;
-        # the sums in float64, a row block at a time (no whole float64 copies of D and E)
+        # the sums in float64
         de = dd = 0.0
-        for r0 in range(0, len(D), 256):
-            d, e = D[r0:r0 + 256].double(), E[r0:r0 + 256].double()
-            de += float((d * e).sum())
-            dd += float(d.pow(2).sum())
-        del E
+        step = max(1, (4 << 20) // (4 * len(D)))
+        for c0 in range(0, D.shape[1], step):
+            e = D[:, c0:c0 + step]
+            d = torch.cholesky_solve(e, L)
+            de += float((d.double() * e.double()).sum())
+            dd += float(d.double().pow(2).sum())
+            e.copy_(d)
+            del d
+        del A, L
         after = self.e0 - de - lam * dd
         ref = max(self.ref, 1e-300)
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
+    def _solve_dual(self, alpha: float) -> tuple[torch.Tensor, float, float]:
+        X, R = self.X[:self.rows], self.R[:self.rows]
+        n = len(X)
+        K = torch.zeros(n, n, dtype=torch.float32, device=X.device)  # X X^T, a column block of X at a time
+        step = max(1, (4 << 20) // (4 * max(n, 1)))
+        for c0 in range(0, self.k, step):
+            xc = X[:, c0:c0 + step]
+            K.addmm_(xc, xc.T)
+        del xc
+        lam = max(alpha * float(K.diagonal().sum()) / self.k, 1e-12)  # trace(X X^T) = trace(X^T X)
+        K.diagonal().add_(lam)
+        L = _cholesky_(K)
+        C = torch.cholesky_solve(R, L)
+        del K, L
+        # at the solution Y - X (W0 + D) = R - X X^T C = lambda C
+        after = lam * lam * float(C.double().pow(2).sum())
+        D = torch.empty(self.k, self.n_out, dtype=torch.float32, device=X.device)
+        for c0 in range(0, self.k, step):  # D = X^T C, a row block at a time
+            torch.mm(X[:, c0:c0 + step].T, C, out=D[c0:c0 + step])
+        self.X = self.R = None
+        ref = max(self.ref, 1e-300)
+        return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
-def _fit_for(mod: torch.nn.Module, in_first: bool) -> Fit:
+
+def _rows_buffer(shape: tuple[int, int], device, scratch) -> torch.Tensor:
+    """Token rows of a dual-form fit: a scratch-file mapping on the CPU, plain memory elsewhere."""
+    if torch.device(device).type == "cpu":
+        from ..calibrate import activation_buffer
+        return activation_buffer(shape, scratch)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _cholesky_(A: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of A, written over A."""
+    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+    if int(info) != 0:  # pragma: no cover - A is positive definite
+        raise RuntimeError("heal: the Gram matrix is not positive definite")
+    return L
+
+
+def _fit_for(mod: torch.nn.Module, in_first: bool, tokens: int | None = None, scratch=None) -> Fit:
     """A Fit for a linear layer (GPT-2's Conv1D stores its weight as [in, out]), bias included."""
     n_in, n_out = mod.weight.shape if in_first else mod.weight.shape[::-1]
-    return Fit(n_in, n_out, mod.bias is not None, mod.weight.device)
+    return Fit(n_in, n_out, mod.bias is not None, mod.weight.device, tokens, scratch)
 
 
 def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
     """W0 + Delta (Delta as [in (+1 bias row), out]) into a linear layer, as float32."""
     bias = mod.bias is not None
     d, db = (D[:-1], D[-1]) if bias else (D, None)
-    w = mod.weight.float() + (d if in_first else d.T)
-    mod._parameters["weight"] = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+    w = mod.weight.float()
+    if w is mod.weight:  # already float32: a fresh copy, not the loaded tensor changed in place
+        w = w.clone()
+    w.add_(d if in_first else d.T)  # in place: no second float32 copy of the weight
+    mod._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
     if bias:
         mod._parameters["bias"] = torch.nn.Parameter(mod.bias.float() + db, requires_grad=False)
 
@@ -185,6 +252,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     pm = BlockModel(ckpt, fam, device, scratch)
     view = ChildView(ckpt, plan)
     cm = BlockModel(view, fam, device, scratch)
+    cm._bufs = pm._bufs  # one set of float32 cast buffers for both models (they run one at a time)
     ad = pm.ad
     weighted = stage.weight == "rms"
     hidden = plan.kept.get((Space.HIDDEN, None))
@@ -206,6 +274,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     report = []
     folder = Path(scratch) if scratch is not None else Path(".")
     dev = pm.device
+    n_tok = hp.shape[0] * hp.shape[1]  # the fits take the dual form when this is below their inputs
 
     def run_parent(i: int, on_chunk=None) -> None:
         """Parent layer i over all tokens, in place in hp."""
@@ -267,7 +336,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         cm.load(clayer)
         o = clayer.get_submodule(ad.out_proj)
         d = clayer.get_submodule(ad.down_proj)
-        fo = _fit_for(o, ad.in_first)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
+        fo = _fit_for(o, ad.in_first, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
 
         # 1. parent layer p (its attention output is the target) and the child's layer k, chunk by
         # chunk together: the child's attention output projection input against the parent's output
@@ -297,7 +366,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
 
         # 3. the MLP output projection: the child's residual onto the parent's
         del fo
-        fd = _fit_for(d, ad.in_first)
+        fd = _fit_for(d, ad.in_first, n_tok, scratch)
         child_pass(clayer, fit_down=fd)
         D, *e_d = fd.solve(stage.alpha)
         del fd
@@ -314,7 +383,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                 if t is None:
                     continue
                 key = cm._index[f"{prefix}.{mod_path}.{pname}"]
-                tensors[key] = t.detach().float().cpu().contiguous()
+                # in the child's dtype: the writer casts to it anyway (the same bytes), half the scratch
+                tensors[key] = t.detach().to(device="cpu", dtype=view.cts[key].dtype).contiguous()
         path = folder / f".shrinkit-heal-{k}.safetensors"
         save_file(tensors, str(path))
         for key in tensors:

@@ -61,10 +61,11 @@ def folds(ckpt: Checkpoint, plan: Plan) -> dict:
 
 class _Covariance:
     """Observer for BlockModel.run_layers: sum of x^ x^T over every layer's input and the last
-    layer's output, x^ = x / RMS(x) per token, in float64."""
+    layer's output, x^ = x / RMS(x) per token, in float32, accumulated in place (the basis is
+    found in float32 too: a float64 eigendecomposition needs about 4 x D^2 x 8 bytes at once)."""
 
     def __init__(self, dim: int, n_layers: int, device):
-        self.cov = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.cov = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.n_layers = n_layers
         self.tokens = 0
 
@@ -74,7 +75,7 @@ class _Covariance:
     def _add(self, x):
         x = x.reshape(-1, x.shape[-1]).float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
-        self.cov += (x.T @ x).double()
+        self.cov.addmm_(x.T, x)
 
     def residual(self, i, x, y):
         self._add(x)
@@ -99,10 +100,15 @@ def rotate_hidden(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device:
     D, d = plan.parent.hidden_size, plan.child.hidden_size
     obs = _Covariance(D, len(bm.layers), bm.device)
     bm.run_layers(h, spec.batch_size, obs, progress)
-    evals, vecs = torch.linalg.eigh(obs.cov.cpu())
-    order = torch.argsort(evals, descending=True)
-    evals, vecs = evals[order], vecs[:, order]
-    plan.rotation = vecs[:, :d].float().contiguous()
+    del h
+    bm._bufs.clear()  # the forward passes' cast buffers: not needed beside the eigendecomposition
+    cov = obs.cov.cpu()
+    obs.cov = None
+    evals, vecs = torch.linalg.eigh(cov)  # ascending
+    del cov
+    evals = evals.flip(0)
+    plan.rotation = vecs[:, -d:].flip(1).contiguous() if d else vecs[:, :0].contiguous()  # top d, descending
+    del vecs
     plan.kept.pop((Space.HIDDEN, None), None)   # the hidden axis is projected, not selected
     plan._cache.clear()
     plan.folds = folds(ckpt, plan)

@@ -67,8 +67,20 @@ def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch
                 part = t[r0:r1] if rows is None else t.index_select(0, rows.tensor[r0:r1])
                 yield _rotated(plan, ct, part, [None, *idx[1:]])
             return
-        # writers (hidden on their first axis) mix all parent rows: made whole, then yielded in blocks
-        x = _rotated(plan, ct, t, idx)
+        # writers (hidden on their first axis) mix all parent rows: made whole in the child's dtype,
+        # projected a block of columns at a time (no float32 copy of the whole tensor), then
+        # yielded in row blocks
+        if not ct.norm and t.dim() == 2 and ax == 0:
+            cols = idx[1]
+            n_cols = cols.length if cols is not None else t.shape[1]
+            x = torch.empty(ct.shape, dtype=ct.dtype)
+            step = max(1, BLOCK_BYTES // max(1, t.shape[0] * 4))
+            for c0 in range(0, n_cols, step):
+                c1 = min(n_cols, c0 + step)
+                part = t[:, c0:c1] if cols is None else t.index_select(1, cols.tensor[c0:c1])
+                x[:, c0:c1] = _rotated(plan, ct, part, [idx[0], None])
+        else:
+            x = _rotated(plan, ct, t, idx)
         step = max(1, BLOCK_BYTES // max(1, x[0].numel() * x.element_size())) if x.dim() > 1 else len(x)
         for r0 in range(0, len(x), step):
             yield x[r0:r0 + step]
