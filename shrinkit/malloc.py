@@ -9,6 +9,12 @@ Activations of calibration are churned the same way (about 11 million minor page
 (a 64 MB threshold during calibration) cut that to 35 s, but heap fragmentation raised peak
 memory by 40-220 MB, unpredictably; bounded, flat memory was kept.
 
+trim(): blocks under the threshold (slicing's row blocks, small tensors) come from the heap,
+and long-lived ones among them leave free holes that the heap's top-only trimming cannot give
+back; heal, which loads and frees a child block per kept layer, grew by 3-4 MB of such holes per
+layer (22 MB over 8 layers at the 1.7 GB preset). trim() returns every free page of the heap
+(glibc's malloc_trim), once per layer.
+
 gomp_default(): idle OpenMP workers spin for 300,000 iterations by default, taking the two
 cores of a small machine from shrinkit's own writer and sha256 threads (measured on a 4 GB
 parent with hashing: 6.2-7.5 s by default, 5.1-5.9 s with 10,000). libgomp reads
@@ -43,6 +49,25 @@ def bounded() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 8 << 20)
     except (OSError, AttributeError):
         pass
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the system (glibc malloc_trim); a no-op elsewhere or
+    with SHRINKIT_NO_MALLOC_TUNING=1."""
+    global _libc
+    if _libc is False or os.environ.get("SHRINKIT_NO_MALLOC_TUNING"):
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        _libc = False
+
+
+_libc = None
 
 
 def gomp_default() -> None:

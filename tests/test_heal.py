@@ -159,3 +159,91 @@ def test_default_pipeline_heals_only_when_layers_drop(tmp_path):
 
 def heal_stage(res) -> dict:
     return next(s for s in res.report["stages"] if s["stage"] == "heal")
+
+
+# ------------------------------------------------------------------ the dual form (fewer tokens than inputs)
+FEW = {"data": "random_tokens", "samples": 1, "seq_len": 32, "batch_size": 4}  # 32 tokens < every fitted input
+
+
+def _fits(n, n_in, n_out, bias, seed=0):
+    """The same weighted rows fed to a primal and a dual Fit, and the float64 ridge solution."""
+    from shrinkit.stages.heal import Fit
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g) @ torch.randn(8, n_in, generator=g) + 0.1 * torch.randn(n, n_in, generator=g)
+    R = torch.randn(n, n_out, generator=g)
+    w = torch.rand(n, generator=g) + 0.5
+    fits = {"primal": Fit(n_in, n_out, bias, "cpu"), "dual": Fit(n_in, n_out, bias, "cpu", tokens=n)}
+    for f in fits.values():
+        for s in range(0, n, 7):
+            f.add(X[s:s + 7], R[s:s + 7], w[s:s + 7], R[s:s + 7])
+    Xa = X.double() * w.double()[:, None]
+    if bias:
+        Xa = torch.cat([Xa, w.double()[:, None]], 1)
+    G = Xa.T @ Xa
+    lam = 1e-3 * G.diagonal().mean()
+    D64 = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=torch.float64), Xa.T @ (R.double() * w.double()[:, None]))
+    after64 = float((R.double() * w.double()[:, None] - Xa @ D64).pow(2).sum() / (R.double() * w.double()[:, None]).pow(2).sum()) ** 0.5
+    return fits, D64, after64
+
+
+@pytest.mark.parametrize("n_in,bias", [(64, False), (224, True)])
+def test_dual_fit_is_the_primal_fit(n_in, bias):
+    """With fewer tokens than inputs the dual form is used; it gives the ridge solution (against
+    float64) as closely as the primal form does, and the same errors before and after."""
+    fits, D64, after64 = _fits(32, n_in, 16, bias)
+    assert fits["dual"].dual and not fits["primal"].dual
+    out = {m: f.solve(1e-3) for m, f in fits.items()}
+    for m, (D, before, after) in out.items():
+        assert D.shape == (n_in + bias, 16)
+        assert float((D.double() - D64).norm() / D64.norm()) < 5e-3, m
+        assert before == pytest.approx(1.0) and after == pytest.approx(after64, rel=1e-3), m
+    # negative control: a different ridge weight is a different fit
+    fits, _, _ = _fits(32, n_in, 16, bias)
+    D, _, _ = fits["dual"].solve(1e-1)
+    assert float((D.double() - D64).norm() / D64.norm()) > 1e-2
+
+
+def test_dual_fit_of_an_exact_child_is_zero():
+    from shrinkit.stages.heal import Fit
+
+    f = Fit(64, 8, True, "cpu", tokens=20)
+    x = torch.randn(20, 64)
+    f.add(x, torch.zeros(20, 8), torch.rand(20) + 0.5, torch.randn(20, 8))
+    D, before, after = f.solve(1e-3)
+    assert f.dual and before == 0.0 and after == 0.0 and not D.any()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dual_form_keeps_identity_and_planted_children_exact(tmp_path, kind, monkeypatch):
+    """32 calibration tokens, fewer than every fitted projection's inputs: every fit takes the
+    dual form; nothing cut stays unchanged, a planted cut stays exact, a live layer dropped
+    (negative control) is fitted but not exact."""
+    from shrinkit.stages import heal as heal_mod
+
+    calls = []
+    orig = heal_mod.Fit._solve_dual
+    monkeypatch.setattr(heal_mod.Fit, "_solve_dual", lambda self, a: calls.append(self.k) or orig(self, a))
+    pl, target, cls = make(kind, tmp_path)
+    few = {"heal": {"calibration": FEW}}
+    res = run(pl.path, tmp_path / "same", stages=[RANK, few, {"slice_embeddings": {}}])
+    assert len(calls) == 2 * 4 and min(calls) > 32
+    for layer in heal_report(res):
+        assert layer["attn_rel_err"] == [0.0, 0.0] and layer["residual_rel_err"] == [0.0, 0.0], layer
+    parent, child = weights(pl.path), weights(tmp_path / "same")
+    for k, v in child.items():
+        assert (v - parent[k]).abs().max() <= 1e-5 * max(1.0, float(parent[k].abs().max())), k
+
+    keep = [i for i in range(4) if i not in pl.dead_layers]
+    ids = tokens(96)
+    ref = logits(pl.path, ids, cls)
+    res = run(pl.path, tmp_path / "planted", target=target,
+              stages=[RANK, {"drop_layers": {"keep": keep}}, few, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    for layer in heal_report(res):
+        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-6, layer
+    assert rel_err(logits(tmp_path / "planted", ids, cls), ref) < 1e-4
+    res = run(pl.path, tmp_path / "neg", target=target,
+              stages=[RANK, {"drop_layers": {"keep": [0, 1, 2]}}, few, {"slice_embeddings": {}}, {"rescale_norms": {}}])
+    last = heal_report(res)[-1]
+    assert last["residual_rel_err"][0] > 1e-2 and last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    assert rel_err(logits(tmp_path / "neg", ids, cls), ref) > 1e-3

@@ -37,6 +37,7 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from ..errors import RecipeError
 from ..families.spaces import Space
+from ..malloc import trim
 from ..plan import Plan
 from .slice import slice_blocks
 
@@ -390,6 +391,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         for key in tensors:
             replaced[key] = path
         cm.free(clayer)
+        trim()  # the freed child block's small pieces leave holes in the heap otherwise (shrinkit.malloc)
         report.append({"layer": k, "parent_layer": p,
                        "attn_rel_err": [round(e_o[0], 6), round(e_o[1], 6)],
                        "residual_rel_err": [round(e_d[0], 6), round(e_d[1], 6)]})
