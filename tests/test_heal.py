@@ -173,7 +173,7 @@ def _fits(n, n_in, n_out, bias, seed=0):
     X = torch.randn(n, 8, generator=g) @ torch.randn(8, n_in, generator=g) + 0.1 * torch.randn(n, n_in, generator=g)
     R = torch.randn(n, n_out, generator=g)
     w = torch.rand(n, generator=g) + 0.5
-    fits = {"primal": Fit(n_in, n_out, bias, "cpu"), "dual": Fit(n_in, n_out, bias, "cpu", tokens=n)}
+    fits = {"streamed": Fit(n_in, n_out, bias, "cpu"), "stored": Fit(n_in, n_out, bias, "cpu", tokens=n)}
     for f in fits.values():
         for s in range(0, n, 7):
             f.add(X[s:s + 7], R[s:s + 7], w[s:s + 7], R[s:s + 7])
@@ -187,20 +187,21 @@ def _fits(n, n_in, n_out, bias, seed=0):
     return fits, D64, after64
 
 
-@pytest.mark.parametrize("n_in,bias", [(64, False), (224, True)])
-def test_dual_fit_is_the_primal_fit(n_in, bias):
-    """With fewer tokens than inputs the dual form is used; it gives the ridge solution (against
-    float64) as closely as the primal form does, and the same errors before and after."""
-    fits, D64, after64 = _fits(32, n_in, 16, bias)
-    assert fits["dual"].dual and not fits["primal"].dual
+@pytest.mark.parametrize("n,n_in,bias", [(32, 64, False), (32, 224, True), (300, 64, False), (300, 224, True)])
+def test_stored_fit_is_the_streamed_fit(n, n_in, bias):
+    """Rows stored in scratch mappings and solved afterwards (in the dual form when there are
+    fewer tokens than inputs, else the primal) give the ridge solution (against float64) as
+    closely as the Gram matrix accumulated chunk by chunk does, and the same errors."""
+    fits, D64, after64 = _fits(n, n_in, 16, bias)
+    assert fits["stored"].dual == (n < n_in + bias) and not fits["streamed"].dual
     out = {m: f.solve(1e-3) for m, f in fits.items()}
     for m, (D, before, after) in out.items():
         assert D.shape == (n_in + bias, 16)
         assert float((D.double() - D64).norm() / D64.norm()) < 5e-3, m
         assert before == pytest.approx(1.0) and after == pytest.approx(after64, rel=1e-3), m
     # negative control: a different ridge weight is a different fit
-    fits, _, _ = _fits(32, n_in, 16, bias)
-    D, _, _ = fits["dual"].solve(1e-1)
+    fits, _, _ = _fits(n, n_in, 16, bias)
+    D, _, _ = fits["stored"].solve(1e-1)
     assert float((D.double() - D64).norm() / D64.norm()) > 1e-2
 
 

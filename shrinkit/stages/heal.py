@@ -100,23 +100,25 @@ class Fit:
     lambda = alpha x the mean diagonal of G = X^T X. A child that already fits has Y = X W0, so
     Delta = 0 exactly.
 
-    With at least as many tokens as inputs (the primal form) it accumulates G and E = X^T (Y - X W0)
-    (float32, in x in and in x out) and solves (G + lambda I) Delta = E. With fewer tokens than
-    inputs (the dual form: the same solution) it keeps the weighted rows of X and of Y - X W0 in
-    scratch-file mappings (like the residual streams) and solves the tokens x tokens system
-    (X X^T + lambda I) C = R, Delta = X^T C: the matrix in memory is tokens x tokens instead of
-    in x in. Either way the current error e0 = ||Y - X W0||^2 is measured directly."""
+    Given the number of tokens, the weighted rows of X and of R = Y - X W0 wait in scratch-file
+    mappings (like the residual streams; nothing is accumulated in memory during the passes) and
+    the fit is solved afterwards in the smaller of two forms of the same solution: with at least
+    as many tokens as inputs the primal (G + lambda I) Delta = X^T R (in x in), with fewer the
+    dual (X X^T + lambda I) C = R, Delta = X^T C (tokens x tokens). Without it (tokens=None), G
+    and X^T R are accumulated chunk by chunk (float32). Either way the current error
+    e0 = ||R||^2 is measured directly."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, device, tokens: int | None = None, scratch=None):
         k = n_in + (1 if bias else 0)
         self.bias = bias
         self.k, self.n_out = k, n_out
-        self.dual = tokens is not None and tokens < k
+        self.stored = tokens is not None
+        self.dual = self.stored and tokens < k
         self.rows = 0
-        if self.dual:
+        self.X = self.R = self.G = self.E = None
+        if self.stored:
             self.X = _rows_buffer((tokens, k), device, scratch)
             self.R = _rows_buffer((tokens, n_out), device, scratch)
-            self.G = self.E = None
         else:
             self.G = torch.zeros(k, k, dtype=torch.float32, device=device)
             self.E = torch.zeros(k, n_out, dtype=torch.float32, device=device)
@@ -129,7 +131,7 @@ class Fit:
         rw = r.reshape(-1, r.shape[-1]).float() * w
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[1]
-        if self.dual:  # the weighted rows go to the scratch mappings, the bias input is the weight itself
+        if self.stored:  # the weighted rows go to the scratch mappings, the bias input is the weight itself
             r0, r1 = self.rows, self.rows + len(w)
             torch.mul(x, w, out=self.X[r0:r1, :n])
             if self.bias:
@@ -155,6 +157,17 @@ class Fit:
         The system is factorized in place (it is not needed afterwards)."""
         if self.dual:
             return self._solve_dual(alpha)
+        if self.stored:  # G = X^T X and E = X^T R from the stored rows, a block of tokens at a time
+            X, R = self.X[:self.rows], self.R[:self.rows]
+            self.G = torch.zeros(self.k, self.k, dtype=torch.float32, device=X.device)
+            self.E = torch.zeros(self.k, self.n_out, dtype=torch.float32, device=X.device)
+            step = max(1, (4 << 20) // (4 * self.k))
+            for t0 in range(0, len(X), step):
+                xt = X[t0:t0 + step]
+                self.G.addmm_(xt.T, xt)
+                self.E.addmm_(xt.T, R[t0:t0 + step])
+            self.X = self.R = None
+            del X, R
         lam = max(alpha * float(self.G.diagonal().mean()), 1e-12)
         A = self.G
         A.diagonal().add_(lam)
@@ -201,6 +214,33 @@ class Fit:
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
 
+def _load_lazily(bm, layer: torch.nn.Module) -> dict:
+    """Load each of a block's modules (BlockModel.load) just before it first runs, so that what a
+    stopped forward pass never reaches is not loaded; returns the pending hooks (to remove)."""
+    from ..calibrate import _linear_forward, _streamed
+
+    pending: dict = {}
+
+    def hook(m, args):
+        for sub in m.modules():  # m and whatever it holds are loaded now
+            h = pending.pop(sub, None)
+            if h is not None:
+                h.remove()
+        bm.load(m)
+
+    for sub in layer.modules():
+        if next(sub.parameters(recurse=False), None) is None:
+            continue
+        if _streamed(sub):  # Module.__call__ looks up forward before its pre-hooks run
+            sub.forward = _linear_forward(sub, bm._bufs)
+        pending[sub] = sub.register_forward_pre_hook(hook)
+    return pending
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a block's forward pass once what is needed is captured."""
+
+
 def _rows_buffer(shape: tuple[int, int], device, scratch) -> torch.Tensor:
     """Token rows of a dual-form fit: a scratch-file mapping on the CPU, plain memory elsewhere."""
     if torch.device(device).type == "cpu":
@@ -217,10 +257,11 @@ def _cholesky_(A: torch.Tensor) -> torch.Tensor:
     return L
 
 
-def _fit_for(mod: torch.nn.Module, in_first: bool, tokens: int | None = None, scratch=None) -> Fit:
-    """A Fit for a linear layer (GPT-2's Conv1D stores its weight as [in, out]), bias included."""
+def _fit_for(mod: torch.nn.Module, in_first: bool, device, tokens: int | None = None, scratch=None) -> Fit:
+    """A Fit for a linear layer (GPT-2's Conv1D stores its weight as [in, out]), bias included
+    (its parameters need not be loaded yet: only their shapes are read)."""
     n_in, n_out = mod.weight.shape if in_first else mod.weight.shape[::-1]
-    return Fit(n_in, n_out, mod.bias is not None, mod.weight.device, tokens, scratch)
+    return Fit(n_in, n_out, mod.bias is not None, device, tokens, scratch)
 
 
 def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
@@ -334,20 +375,27 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             run_parent(nxt)
             nxt += 1
         clayer = cm.layers[k]
-        cm.load(clayer)
+        lazy = _load_lazily(cm, clayer)  # the MLP's weights only when step 3 first runs it
         o = clayer.get_submodule(ad.out_proj)
         d = clayer.get_submodule(ad.down_proj)
-        fo = _fit_for(o, ad.in_first, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
+        fo = _fit_for(o, ad.in_first, dev, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
 
         # 1. parent layer p (its attention output is the target) and the child's layer k, chunk by
         # chunk together: the child's attention output projection input against the parent's output
         def parent_chunk(s, x, attn):
             with torch.no_grad():
                 cap: dict = {}
+
+                def stop(m, a, out):  # the rest of the child's block is not needed here
+                    cap["out"] = out
+                    raise _Stop
+
                 hk = [o.register_forward_pre_hook(lambda m, a: cap.__setitem__("z", a[0])),
-                      o.register_forward_hook(lambda m, a, out: cap.__setitem__("out", out))]
+                      o.register_forward_hook(stop)]
                 try:
                     cm.layer_call(clayer, hc[s:s + step].to(dev))
+                except _Stop:
+                    pass
                 finally:
                     for h in hk:
                         h.remove()
@@ -357,7 +405,9 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         run_parent(p, parent_chunk)
         nxt = p + 1
         D, *e_o = fo.solve(stage.alpha)
+        del fo
         _apply(o, D, ad.in_first)
+        del D
 
         # 2. the parent on to where the next kept layer reads (or to the final norm)
         until = layers[k + 1] if k + 1 < len(layers) else nl
@@ -366,8 +416,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             nxt += 1
 
         # 3. the MLP output projection: the child's residual onto the parent's
-        del fo
-        fd = _fit_for(d, ad.in_first, n_tok, scratch)
+        fd = _fit_for(d, ad.in_first, dev, n_tok, scratch)
         child_pass(clayer, fit_down=fd)
         D, *e_d = fd.solve(stage.alpha)
         del fd
@@ -390,6 +439,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         save_file(tensors, str(path))
         for key in tensors:
             replaced[key] = path
+        for h in lazy.values():
+            h.remove()
         cm.free(clayer)
         trim()  # the freed child block's small pieces leave holes in the heap otherwise (shrinkit.malloc)
         report.append({"layer": k, "parent_layer": p,
