@@ -276,69 +276,6 @@ def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
         mod._parameters["bias"] = torch.nn.Parameter(mod.bias.float() + D[n_in], requires_grad=False)
 
 
-def _load_lazily(bm, layer: torch.nn.Module) -> dict:
-    """Load each of a block's modules (BlockModel.load) just before it first runs, so that what a
-    stopped forward pass never reaches is not loaded; returns the pending hooks (to remove)."""
-    from ..calibrate import _linear_forward, _streamed
-
-    pending: dict = {}
-
-    def hook(m, args):
-        for sub in m.modules():  # m and whatever it holds are loaded now
-            h = pending.pop(sub, None)
-            if h is not None:
-                h.remove()
-        bm.load(m)
-
-    for sub in layer.modules():
-        if next(sub.parameters(recurse=False), None) is None:
-            continue
-        if _streamed(sub):  # Module.__call__ looks up forward before its pre-hooks run
-            sub.forward = _linear_forward(sub, bm._bufs)
-        pending[sub] = sub.register_forward_pre_hook(hook)
-    return pending
-
-
-class _Stop(Exception):
-    """Raised by a forward hook to end a block's forward pass once what is needed is captured."""
-
-
-def _rows_buffer(shape: tuple[int, int], device, scratch) -> torch.Tensor:
-    """Token rows of a dual-form fit: a scratch-file mapping on the CPU, plain memory elsewhere."""
-    if torch.device(device).type == "cpu":
-        from ..calibrate import activation_buffer
-        return activation_buffer(shape, scratch)
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-def _cholesky_(A: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factor of A, written over A."""
-    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
-    if int(info) != 0:  # pragma: no cover - A is positive definite
-        raise RuntimeError("heal: the Gram matrix is not positive definite")
-    return L
-
-
-def _fit_for(mod: torch.nn.Module, in_first: bool, device, tokens: int | None = None, scratch=None) -> Fit:
-    """A Fit for a linear layer (GPT-2's Conv1D stores its weight as [in, out]), bias included
-    (its parameters need not be loaded yet: only their shapes are read)."""
-    n_in, n_out = mod.weight.shape if in_first else mod.weight.shape[::-1]
-    return Fit(n_in, n_out, mod.bias is not None, device, tokens, scratch)
-
-
-def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
-    """W0 + Delta (Delta as [in (+1 bias row), out]) into a linear layer, as float32."""
-    bias = mod.bias is not None
-    d, db = (D[:-1], D[-1]) if bias else (D, None)
-    w = mod.weight.float()
-    if w is mod.weight:  # already float32: a fresh copy, not the loaded tensor changed in place
-        w = w.clone()
-    w.add_(d if in_first else d.T)  # in place: no second float32 copy of the weight
-    mod._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
-    if bias:
-        mod._parameters["bias"] = torch.nn.Parameter(mod.bias.float() + db, requires_grad=False)
-
-
 def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "cpu", tokenizer=None,
          scratch: str | Path | None = None, progress=None) -> dict:
     """Refit every child layer's attention and MLP output projections; record the fitted tensors
