@@ -56,7 +56,13 @@ Modes:
   --steps, --seq-len, --batch, --lrs, --evals, --eval-windows, --budget-min override the mode.
   --recipe R   the LM child's target from recipe R instead of recipes/smollm2-40m.yaml (explicit dims
                or a parameter budget such as `target: {params: 40M}`, solved by shrinkit per arm)
-  --arms A,B   only these LM arms (random is always run: the speed-up is measured against it)
+  --arms A,B   only these LM arms (random is always run: the speed-up is measured against it,
+               unless --no-random; the activation arm is the reference of the heal and rotate arms,
+               at each arm's best LR and at each LR of the grid)
+  --drop-layers S   drop_layers strategy of the shrinkit arms (default: the --recipe's)
+  --heal-alpha A    the activation-heal arm's heal alpha (default: the stage's)
+  --lock FILE       flock FILE for the subclones and for each training run separately
+  --keep-children / --reuse-children   keep the children; reuse them (same --out, same recipe)
 
 Usage (from the repository root; `make bench-setup` installs matplotlib):
   .venv/bin/python bench/quality.py --quick
@@ -106,6 +112,34 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
+LOCK: Path | None = None  # --lock: held for the subclones and for each training run, released between
+LOADS: list = []  # (what, load average at start, at end) of every locked phase
+
+
+class locked:
+    """flock(LOCK) around one phase (nothing without --lock); the 1-minute load average at both ends."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        if LOCK is not None:
+            import fcntl
+            self.f = open(LOCK, "a")
+            t = time.perf_counter()
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+            if time.perf_counter() - t > 1:
+                log(f"waited {time.perf_counter() - t:.0f} s for {LOCK}")
+        self.load0 = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        LOADS.append({"what": self.what, "load_start": round(self.load0, 2), "load_end": round(os.getloadavg()[0], 2)})
+        if LOCK is not None:
+            self.f.close()
+        return False
+
+
 # ----------------------------------------------------------------------------- settings
 MODES = {
     # seq_len/batch: training windows; evals: evaluation points after init; eval_windows: per held-out text
@@ -127,21 +161,24 @@ LOAD_S = 2.5  # loading (or initializing) a child, per run
 SAFETY_S = 75.0  # quick/full budget: kept free for writing results and for timing noise (runs measured ~3 % over estimate)
 
 
-def lm_recipes(target: dict, calib: dict) -> dict[str, dict]:
+def lm_recipes(target: dict, calib: dict, drop: str = "middle", heal_alpha: float | None = None) -> dict[str, dict]:
+    """The recipes of the subcloned arms; `drop` is the drop_layers strategy of every arm but
+    weight-selection (which keeps the first layers, as its paper does)."""
     def rec(rank: dict, drop: str, rescale: bool, dtype="float32"):
-        stages = [{"rank_neurons": rank}, {"drop_layers": {"strategy": drop}}, {"slice_embeddings": {}}]
+        dl = {"strategy": drop, **({"calibration": calib} if drop == "importance" else {})}
+        stages = [{"rank_neurons": rank}, {"drop_layers": dl}, {"slice_embeddings": {}}]
         if rescale:
             stages.append({"rescale_norms": {}})
         return {"target": dict(target), "stages": stages, "output": {"dtype": dtype}, "seed": 0}
 
-    act = rec({"method": "activation", "calibration": calib}, "middle", True)
-    heal = {"heal": {"calibration": calib}}
+    act = rec({"method": "activation", "calibration": calib}, drop, True)
+    heal = {"heal": {"calibration": calib, **({"alpha": heal_alpha} if heal_alpha is not None else {})}}
     rot = {"rotate_hidden": {"calibration": calib}}
     recipes = {
         "activation": act,
         "activation-heal": {**act, "stages": act["stages"][:2] + [heal] + act["stages"][2:]},
         "rotate": {**act, "stages": act["stages"][:2] + [rot, {"slice_embeddings": {}}]},
-        "magnitude": rec({"method": "magnitude"}, "middle", True),
+        "magnitude": rec({"method": "magnitude"}, drop, True),
         "weight-selection": rec({"method": "uniform"}, "first", False),
     }
     return {k: v for k, v in recipes.items() if k in LM_ARMS}
@@ -151,12 +188,24 @@ def recipe_target(path: Path) -> dict:
     return dict(yaml.safe_load(path.read_text())["target"])
 
 
+def recipe_drop(path: Path) -> str:
+    """The recipe's drop_layers strategy (middle when it names none or lists layers)."""
+    for st in yaml.safe_load(path.read_text()).get("stages") or []:
+        if isinstance(st, dict) and "drop_layers" in st:
+            return (st["drop_layers"] or {}).get("strategy") or "middle"
+    return "middle"
+
+
 # ----------------------------------------------------------------------------- subcloning
-def subclone(parent: Path, recipe: dict, name: str, work: Path, device: str) -> tuple[Path, float]:
+def subclone(parent: Path, recipe: dict, name: str, work: Path, device: str, reuse: bool = False) -> tuple[Path, float]:
     rpath = work / "recipes" / f"{name}.yaml"
     rpath.parent.mkdir(parents=True, exist_ok=True)
-    rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    text = yaml.safe_dump(recipe, sort_keys=False)
     out = work / "children" / name
+    if reuse and rpath.exists() and rpath.read_text() == text and (out / "shrinkit_report.json").exists():
+        log(f"subclone {name}: reusing {out} (written by an earlier run from the same recipe)")
+        return out, float(json.loads((out / "shrinkit_report.json").read_text()).get("seconds", float("nan")))
+    rpath.write_text(text)
     cmd = [PY, "-m", "shrinkit.cli", "subclone", str(parent), "--recipe", str(rpath), "--out", str(out),
            "--force", "--quiet", "--no-verify"]
     if device != "cpu":
@@ -365,7 +414,9 @@ def train_run(model, batches: Batches, steps: int, lr: float, eval_at: set[int],
 
     t = time.perf_counter()
     evaluate(0)
+    step_s = 0.0
     for step in range(steps):
+        ts = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         x = batches.get(step).to(device)
@@ -375,6 +426,7 @@ def train_run(model, batches: Batches, steps: int, lr: float, eval_at: set[int],
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         losses.append(float(loss))
+        step_s += time.perf_counter() - ts
         if not math.isfinite(losses[-1]):
             log(f"{tag}: loss is {losses[-1]} at step {step + 1}; stopping this run")
             for k in evalsets:
@@ -385,7 +437,8 @@ def train_run(model, batches: Batches, steps: int, lr: float, eval_at: set[int],
             v = evaluate(step + 1)
             log(f"{tag} step {step + 1}/{steps}: train loss {losses[-1]:.3f}, "
                 + ", ".join(f"{k} ppl {p:.1f}" for k, p in v.items()))
-    return {"curve": curve, "train_loss": losses, "seconds": round(time.perf_counter() - t, 1)}
+    return {"curve": curve, "train_loss": losses, "seconds": round(time.perf_counter() - t, 1),
+            "s_per_step": round(step_s / max(1, len(losses)), 3)}
 
 
 def crossing(steps: list[int], ppl: list[float], target: float):
@@ -464,6 +517,9 @@ def markdown(R: dict) -> str:
     L.append(f"- machine: {m['nproc']} CPU(s), {m['cpu']}, {m['ram_gib']} GiB RAM; torch {m['torch']} "
              f"({m['torch_threads']} threads), transformers {m['transformers']}, Python {m['python']}; device {m['device']}"
              + (f" ({m['gpu']})" if m.get("gpu") else ""))
+    if R.get("load_average"):
+        L.append("- load average (1 min) at the start and end of each phase: "
+                 + "; ".join(f"{x['what']} {x['load_start']:.1f}-{x['load_end']:.1f}" for x in R["load_average"]))
     if "lm" in R:
         lm = R["lm"]
         L.append("\n## 1. SmolLM2-135M-Instruct -> 40M child, trained on Shakespeare\n")
@@ -530,6 +586,30 @@ def markdown(R: dict) -> str:
                 else:
                     st, br = f"{r['steps']:.1f}", f"{r['bracket'][0]}-{r['bracket'][1]}"
                 L.append(f"| {arm} | {st} | {br} | {r['ratio']} | {r['ratio_conservative'] or '-'} |")
+        if "vs_activation_per_lr" in lm:
+            others = [a for a in LM_ARMS if a != "activation"]
+            L.append(f"\nPer learning rate: steps each arm needs to first reach the activation arm's final "
+                     f"shakespeare_heldout perplexity **at the same LR** (interpolated; bracket in parentheses; "
+                     f"{c['steps']} steps in all).\n")
+            L.append("| LR | activation final | " + " | ".join(f"{a}: steps (bracket)" for a in others) + " |")
+            L.append("|---:|---:|" + "---:|" * len(others))
+            for lr, row in lm["vs_activation_per_lr"].items():
+                cells = []
+                for a in others:
+                    r = row["arms"][a]
+                    cells.append("not reached" if r["steps"] is None else "0 (at init)" if r["steps"] == 0 else
+                                 f"{r['steps']:.1f} ({r['bracket'][0]}-{r['bracket'][1]})")
+                L.append(f"| {fmt_lr(float(lr))} | {fmt_ppl(row['target_ppl'])} | " + " | ".join(cells) + " |")
+            L.append("\nHeld-out perplexity at each evaluation, every run (shakespeare / pydoc):\n")
+            runs = [(a, lr) for a in LM_ARMS for lr in c["lrs"]]
+            L.append("| step | " + " | ".join(f"{a} LR {fmt_lr(lr)}" for a, lr in runs) + " |")
+            L.append("|---:|" + "---:|" * len(runs))
+            for i, st in enumerate(lm["eval_steps"]):
+                cells = []
+                for a, lr in runs:
+                    cur = lm["arms"][a]["runs"][str(lr)]["curve"]
+                    cells.append(ppl_pair(cur, i) if i < len(cur["step"]) else "-")
+                L.append(f"| {st} | " + " | ".join(cells) + " |")
         L.append("\nHeld-out perplexity at each evaluation, best LR of each arm (shakespeare / pydoc):\n")
         L.append("| step | " + " | ".join(LM_ARMS) + " |")
         L.append("|---:|" + "---:|" * len(LM_ARMS))
@@ -630,12 +710,27 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--keep-children", action="store_true", help="keep the child folders (deleted by default)")
+    ap.add_argument("--reuse-children", action="store_true",
+                    help="reuse the LM children an earlier --keep-children run left in the same --out folder "
+                         "when their recipe is unchanged (implies --keep-children); to split a grid across runs")
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes/smollm2-40m.yaml",
                     help="recipe whose target sets the LM child's shape (default recipes/smollm2-40m.yaml)")
-    ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(ALL_ARMS)} (random is always run)")
+    ap.add_argument("--drop-layers", choices=("middle", "importance", "last"),
+                    help="drop_layers strategy of the shrinkit arms (default: the --recipe's, else middle; "
+                         "weight-selection always keeps the first layers)")
+    ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(ALL_ARMS)} (random is always run unless --no-random)")
+    ap.add_argument("--heal-alpha", type=float, help="the heal stage's alpha in the activation-heal arm "
+                    "(ridge lambda = alpha x mean diagonal of the Gram matrix; default: the stage's)")
+    ap.add_argument("--lock", type=Path, help="flock this file for the subclones and for each training run "
+                    "(released in between, so one run holds it for minutes, not the whole benchmark)")
+    ap.add_argument("--no-random", action="store_true",
+                    help="do not train the random arm (no speed-up against random; the comparison against "
+                         "the activation arm remains)")
     args = ap.parse_args(argv)
+    global LOCK
+    LOCK = args.lock
     if args.arms:
-        pick = set(args.arms.split(",")) | {"random"}
+        pick = set(args.arms.split(",")) | ({"random"} if not args.no_random else set())
         if pick - set(ALL_ARMS):
             ap.error(f"--arms: unknown arm(s) {', '.join(sorted(pick - set(ALL_ARMS)))}")
         LM_ARMS = tuple(a for a in ALL_ARMS if a in pick)
@@ -678,6 +773,7 @@ def main(argv=None) -> int:
 
     def save():
         R["timings"] = timings
+        R["load_average"] = LOADS
         R["wall_s"] = time.perf_counter() - T0
         (out / "results.json").write_text(json.dumps(R, indent=1) + "\n")
 
@@ -690,13 +786,18 @@ def main(argv=None) -> int:
     if not args.skip_lm:
         t = time.perf_counter()
         target = recipe_target(args.recipe)
+        drop = args.drop_layers or recipe_drop(args.recipe)
         R["config"]["lm_target"] = target
+        R["config"]["drop_layers"] = drop
+        R["config"]["heal_alpha"] = args.heal_alpha
         R["config"]["lm_recipe"] = os.path.relpath(args.recipe.resolve(), ROOT)
         calib = {"samples": cfg["calib_samples"], "seq_len": cfg["calib_seq_len"]}
         children, sub_s = {}, {}
-        for arm, recipe in lm_recipes(target, calib).items():
+        for arm, recipe in lm_recipes(target, calib, drop, args.heal_alpha).items():
             if arm in LM_ARMS:
-                children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device)
+                with locked(f"subclone {arm}"):
+                    children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device,
+                                                         reuse=args.reuse_children)
         rep0 = json.loads((next(children[a] for a in children if a not in ROTATED) / "shrinkit_report.json").read_text())
         R["config"]["lm_shape"] = {k: rep0["child"]["dims"][k] for k in ("hidden_size", "intermediate_size",
                                    "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
@@ -751,10 +852,10 @@ def main(argv=None) -> int:
 
         # measure seconds per training step (random arm, throwaway optimizer)
         t = time.perf_counter()
-        m = load_arm("random", children, device)
-        opt = make_optimizer(m, 1e-4)
+        m = load_arm("random", children, device) if cfg.get("steps") is None else None
+        opt = make_optimizer(m, 1e-4) if m is not None else None
         times = []
-        for i in range(8):
+        for i in range(8 if m is not None else 0):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             ts = time.perf_counter()
@@ -765,11 +866,14 @@ def main(argv=None) -> int:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - ts)
-        s_step = sorted(times[4:])[len(times[4:]) // 2]  # the first steps touch fresh memory
-        ts = time.perf_counter()
-        perplexity(m, evalsets["shakespeare"], cfg["eval_batch"], device)
-        perplexity(m, evalsets["pydoc"], cfg["eval_batch"], device)
-        s_eval = time.perf_counter() - ts
+        if m is not None:  # --steps given: no probe; s/step is measured in the runs instead
+            s_step = sorted(times[4:])[len(times[4:]) // 2]  # the first steps touch fresh memory
+            ts = time.perf_counter()
+            perplexity(m, evalsets["shakespeare"], cfg["eval_batch"], device)
+            perplexity(m, evalsets["pydoc"], cfg["eval_batch"], device)
+            s_eval = time.perf_counter() - ts
+        else:
+            s_step = float("nan")
         del m, opt
         timings["timing probe"] = time.perf_counter() - t
         n_runs = len(LM_ARMS) * len(cfg["lrs"])
@@ -800,10 +904,10 @@ def main(argv=None) -> int:
               "train_tokens_total": len(train_ids), "eval_steps": sorted({0} | eval_at), "eval_every": eval_every,
               "timing": {"s_per_step": s_step, "s_per_eval": s_eval, "estimate_s": est}, "arms": {}}
         R["lm"] = lm
-        hows = {"activation": "activation ranking, drop middle, rescale norms",
-                "activation-heal": "activation ranking, drop middle, heal, rescale norms",
-                "rotate": "activation ranking (ffn, heads), drop middle, rotate_hidden (PCA), untied head",
-                "magnitude": "magnitude ranking, drop middle, rescale norms",
+        hows = {"activation": f"activation ranking, drop {drop}, rescale norms",
+                "activation-heal": f"activation ranking, drop {drop}, heal, rescale norms",
+                "rotate": f"activation ranking (ffn, heads), drop {drop}, rotate_hidden (PCA), untied head",
+                "magnitude": f"magnitude ranking, drop {drop}, rescale norms",
                 "weight-selection": f"uniform selection, first {R['config']['lm_shape']['num_hidden_layers']} layers, no rescale",
                 "random": "transformers init of the child config, seed 0"}
         t = time.perf_counter()
@@ -814,8 +918,9 @@ def main(argv=None) -> int:
             for lr in cfg["lrs"]:
                 torch.manual_seed(0)
                 m = load_arm(arm, children, device)
-                run = train_run(m, batches, steps, lr, eval_at, evalsets, cfg["eval_batch"], device, init_eval[arm],
-                                f"{arm} LR {lr:g}")
+                with locked(f"train {arm} LR {lr:g}"):
+                    run = train_run(m, batches, steps, lr, eval_at, evalsets, cfg["eval_batch"], device,
+                                    init_eval[arm], f"{arm} LR {lr:g}")
                 del m
                 a["runs"][str(lr)] = run
                 log(f"{arm} LR {lr:g} done in {run['seconds']:.0f} s: final shakespeare ppl "
@@ -826,6 +931,9 @@ def main(argv=None) -> int:
             order = [str(x) for x in sorted(cfg["lrs"])]
             a["best_at_edge"] = len(order) > 2 and a["best_lr"] in (order[0], order[-1])
         timings["training (all runs)"] = time.perf_counter() - t
+        if not math.isfinite(lm["timing"]["s_per_step"]):  # no probe: the runs' own median
+            per = sorted(r["s_per_step"] for a in lm["arms"].values() for r in a["runs"].values())
+            lm["timing"]["s_per_step"] = per[len(per) // 2]
 
         for ref, key in (("random", "speedup"), ("activation", "speedup_vs_activation")):
             if ref not in LM_ARMS:
@@ -846,13 +954,26 @@ def main(argv=None) -> int:
                     ratio, bound = f"{r_steps / st:.2f}x", f"{r_steps / br[1]:.2f}x"
                 sp["arms"][arm] = {"steps": st, "bracket": br, "ratio": ratio, "ratio_conservative": bound}
             lm[key] = sp
+        if "activation" in LM_ARMS and len(LM_ARMS) > 1:  # the same comparison at each LR of the grid
+            per = {}
+            for lr in cfg["lrs"]:
+                ref_curve = lm["arms"]["activation"]["runs"][str(lr)]["curve"]
+                target_ppl = ref_curve["shakespeare"][-1]
+                row = {"target_ppl": target_ppl, "arms": {}}
+                for arm in LM_ARMS:
+                    cur = lm["arms"][arm]["runs"][str(lr)]["curve"]
+                    st, br = crossing(cur["step"], cur["shakespeare"], target_ppl)
+                    row["arms"][arm] = {"steps": st, "bracket": br,
+                                        "final": cur["shakespeare"][-1]}
+                per[str(lr)] = row
+            lm["vs_activation_per_lr"] = per
         save()
         try:
             plot(R, out / "curves.png")
         except ImportError:
             log("matplotlib is not installed (make bench-setup); no curves.png")
 
-    if not args.keep_children:
+    if not (args.keep_children or args.reuse_children):
         shutil.rmtree(out / "children", ignore_errors=True)
     save()
     md = markdown(R)
