@@ -31,6 +31,8 @@ from .errors import UsageError
 from .families import family_for
 from .recipe import Calibration
 
+TABLE_BYTES = 1 << 20    # float32 bytes of a random vocabulary table drawn at a time (one vocabulary chunk)
+LOGITS_BYTES = 4 << 20   # float32 bytes of one model's logits chunk (positions x vocabulary rows)
 GATE_KEYS = ("max_kl", "max_perplexity_ratio", "min_similarity")
 FAILED = ("failed", "gate_missed", "error")   # statuses that make `shrinkit subclone` exit 4
 
@@ -59,7 +61,7 @@ class RandomBlockModel(BlockModel):
     by the model's own `_init_weights` (children first, as transformers' initialize_weights does),
     with the RNG seeded from the run's seed and the module's name, so a block is the same
     whenever it is drawn; they are dropped again by free(). The input embedding and output head
-    are never materialized: their rows are drawn CAST_BYTES at a time inside forward."""
+    are never materialized: their rows are drawn TABLE_BYTES at a time inside forward."""
 
     def __init__(self, ckpt: Checkpoint, family, device: str = "cpu", scratch=None, seed: int = 0):
         super().__init__(ckpt, family, device, scratch)
@@ -72,28 +74,38 @@ class RandomBlockModel(BlockModel):
     def _rng_seed(self, name: str) -> int:
         return zlib.crc32(f"{self.seed}:{name}".encode())
 
-    def table_chunks(self, module: torch.nn.Module):
-        """(first row, last row, float32 rows) of a vocabulary table, drawn chunk by chunk. A tied
+    def table_rows(self, module: torch.nn.Module) -> int:
+        """Rows of a vocabulary table drawn at a time (each chunk seeded on its own)."""
+        return max(1, TABLE_BYTES // (module.weight.shape[1] * 4))
+
+    def table_chunk(self, module: torch.nn.Module, c: int) -> torch.Tensor:
+        """Chunk c (rows c * table_rows ... ) of a vocabulary table, float32, drawn by the model's
+        own _init_weights with the RNG seeded from the run's seed, the table's name and c. A tied
         head draws the input embedding's chunks (the same tensor)."""
         emb = self._emb
         as_embedding = module is emb or (self.tied and module is self._out)
         name = self._full(emb if as_embedding else module)
         n_rows, width = module.weight.shape
-        rows = max(1, C.CAST_BYTES // (width * 4))
-        pad = getattr(emb, "padding_idx", None) if as_embedding else None
+        rows = self.table_rows(module)
+        r0, r1 = c * rows, min(n_rows, (c + 1) * rows)
+        w = torch.empty(r1 - r0, width, dtype=torch.float32)
+        if as_embedding:
+            pad = getattr(emb, "padding_idx", None)
+            local = pad - r0 if pad is not None and r0 <= pad < r1 else None
+            m = torch.nn.Embedding(r1 - r0, width, padding_idx=local, _weight=w)
+        else:
+            m = torch.nn.Linear(width, r1 - r0, bias=False, device="meta")
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._rng_seed(f"{name}#{c}"))
+            self.model._init_weights(m)
+        return m.weight.detach().to(self.device)
+
+    def table_chunks(self, module: torch.nn.Module):
+        """(first row, last row, float32 rows) of a vocabulary table, drawn chunk by chunk."""
+        n_rows, rows = module.weight.shape[0], self.table_rows(module)
         for c, r0 in enumerate(range(0, n_rows, rows)):
-            r1 = min(n_rows, r0 + rows)
-            w = torch.empty(r1 - r0, width, dtype=torch.float32)
-            if as_embedding:
-                local = pad - r0 if pad is not None and r0 <= pad < r1 else None
-                m = torch.nn.Embedding(r1 - r0, width, padding_idx=local, _weight=w)
-            else:
-                m = torch.nn.Linear(width, r1 - r0, bias=False, device="meta")
-                m.weight = torch.nn.Parameter(w, requires_grad=False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._rng_seed(f"{name}#{c}"))
-                self.model._init_weights(m)
-            yield r0, r1, m.weight.detach().to(self.device)
+            yield r0, min(n_rows, r0 + rows), self.table_chunk(module, c)
 
     def _lookup(self, module):
         def forward(ids: torch.Tensor) -> torch.Tensor:
@@ -221,8 +233,46 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     return out
 
 
+def _rows_head(m: BlockModel, head: torch.nn.Module, rows: list):
+    """forward() of a loaded head that computes only vocabulary rows rows[0]:rows[1]: the
+    stored weight's rows cast to float32 (a random model's: that chunk drawn)."""
+    if isinstance(m, RandomBlockModel) and head is m._out:
+        def forward(x):
+            r0, r1 = rows
+            n = m.table_rows(head)
+            assert r0 % n == 0 and r1 - r0 <= n, "vocabulary chunks follow the random table's chunks"
+            return x @ m.table_chunk(head, r0 // n).T   # a random head's bias is zero (_init_weights)
+        return forward
+
+    def forward(x):
+        r0, r1 = rows
+        w = head.weight[r0:r1].to(device=x.device, dtype=x.dtype)
+        b = head.bias[r0:r1].to(x.dtype) if getattr(head, "bias", None) is not None else None
+        return F.linear(x, w, b)
+    return forward
+
+
+def _once(norm: torch.nn.Module):
+    """forward() of a loaded final norm that returns its last output again for the same input
+    tensor (the logits of one block of positions are computed vocabulary chunk by chunk)."""
+    f, last = norm.forward, [None, None]
+
+    def forward(x):
+        if last[0] is not x:
+            last[0], last[1] = x, f(x)
+        return last[1]
+    return forward
+
+
 def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int, vocab: int, dev) -> None:
-    parts = {}
+    """Loss and perplexity of each model and KL(parent || model), with the logits computed a
+    block of positions by a chunk of vocabulary rows at a time (LOGITS_BYTES each): per position
+    an online log-sum-exp (running maximum and sum) for every model, the target's logit, and
+    for the parent against each model sum_v exp(zp_v - mp) (zp_v - z_v), rescaled as the
+    maximum moves. Then loss = lse - z[target], KL = E_p[zp - z] - lse_p + lse. No
+    vocabulary-wide row is ever held, and each head's weights are cast (or drawn) once per
+    block of positions."""
+    parts, rows = {}, [0, 0]
     for k, m in models.items():
         norm, head = m.final_norm(), m.head()
         for mod in (norm, head):
@@ -230,29 +280,67 @@ def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int
                 m.load(mod)
         parts[k] = (norm, head)
     try:
-        tot = {k: {"nll": 0.0, "kl": 0.0} for k in models}
+        heads = {k: parts[k][1] for k in models}
+        n_vocab = {int(h.weight.shape[0]) for h in heads.values()}
+        if len(n_vocab) != 1:
+            raise ValueError(f"the models' output heads differ in size ({sorted(n_vocab)})")
+        V = n_vocab.pop()
+        rm = models.get("random_init")
+        R = rm.table_rows(heads["random_init"]) if isinstance(rm, RandomBlockModel) and rm._out is not None \
+            else max(1, TABLE_BYTES // (heads["parent"].weight.shape[1] * 4))
+        R = min(R, V)
+        for k, m in models.items():
+            norm, head = parts[k]
+            head.forward = _rows_head(m, head, rows)
+            if norm is not None:
+                norm.forward = _once(norm)
         T = ids.shape[1]
         flat = ids.reshape(-1)
+        N = flat.numel()
         tgt_all = torch.full_like(flat, -100)       # position t predicts token t + 1 of its sequence
         tgt_all[:-1] = flat[1:]
         tgt_all[T - 1::T] = -100
-        chunk = max(1, C.ACT_BYTES // (vocab * 4))  # positions whose logits exist at once (vocab-wide rows)
-        n_pred = n_pos = 0
-        for p0 in range(0, flat.numel(), chunk):
-            p1 = min(flat.numel(), p0 + chunk)
+        P = max(1, LOGITS_BYTES // (R * 4))          # positions per block
+        others = [k for k in models if k != "parent"]
+        tot = {k: {"nll": 0.0, "kl": 0.0} for k in models}
+        f64 = torch.float64
+        for p0 in range(0, N, P):
+            p1 = min(N, p0 + P)
+            n = p1 - p0
             tgt = tgt_all[p0:p1].to(dev)
-            lp = pp = None
-            for k, m in models.items():  # the family's logits (final norm, head, any soft-capping)
-                z = states[k].reshape(-1, states[k].shape[-1])[p0:p1][None].to(dev)
-                l = F.log_softmax(m.family.logits(m, z).float()[0], -1)
-                tot[k]["nll"] += float(F.nll_loss(l, tgt, ignore_index=-100, reduction="sum"))
-                if k == "parent":
-                    lp, pp = l, l.exp()
-                else:   # pp * (lp - l), in place in l's storage: no further vocabulary-wide temporaries
-                    tot[k]["kl"] += float(l.neg_().add_(lp).mul_(pp).sum())
-                del l
-            n_pred += int((tgt != -100).sum())
-            n_pos += p1 - p0
+            valid = tgt != -100
+            z_in = {k: states[k].reshape(-1, states[k].shape[-1])[p0:p1][None].to(dev) for k in models}
+            mx = {k: torch.full((n,), -math.inf, dtype=torch.float32, device=dev) for k in models}
+            sm = {k: torch.zeros(n, dtype=f64, device=dev) for k in models}
+            zt = {k: torch.zeros(n, dtype=torch.float32, device=dev) for k in models}
+            cross = {k: torch.zeros(n, dtype=f64, device=dev) for k in others}
+            for r0 in range(0, V, R):
+                r1 = min(V, r0 + R)
+                rows[0], rows[1] = r0, r1
+                z = {k: m.family.logits(m, z_in[k]).float()[0] for k, m in models.items()}   # [n, r1 - r0]
+                hit = valid & (tgt >= r0) & (tgt < r1)
+                if bool(hit.any()):
+                    idx = (tgt[hit] - r0)[:, None]
+                    for k in models:
+                        zt[k][hit] = z[k][hit].gather(1, idx)[:, 0]
+                for k in others + ["parent"]:   # the parent last: its cross terms overwrite the others' chunks
+                    new = torch.maximum(mx[k], z[k].amax(1))
+                    scale = (mx[k] - new).exp().to(f64)
+                    e = (z[k] - new[:, None]).exp_()
+                    sm[k].mul_(scale).add_(e.sum(1, dtype=f64))
+                    if k == "parent":
+                        for o in others:   # sum exp(zp - mp) (zp - z_o): in place in z_o's chunk
+                            cross[o].mul_(scale).add_(z[o].neg_().add_(z["parent"]).mul_(e).sum(1, dtype=f64))
+                    mx[k] = new
+                    del e
+                del z
+            lse = {k: mx[k].to(f64) + sm[k].log() for k in models}
+            for k in models:
+                tot[k]["nll"] += float((lse[k] - zt[k].to(f64))[valid].sum())
+                if k != "parent":
+                    tot[k]["kl"] += float((cross[k] / sm["parent"] - lse["parent"] + lse[k]).sum())
+        n_pred = int((tgt_all != -100).sum())
+        n_pos = N
     finally:
         for k, m in models.items():
             for mod in parts[k]:

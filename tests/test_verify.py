@@ -135,16 +135,21 @@ def _compare(v, ref):
 @pytest.mark.parametrize("kind,streamed", [("llama", False), ("llama_tied", True), ("gpt2", True), ("bert", True)])
 def test_streamed_verification_matches_whole_model(tmp_path, monkeypatch, kind, streamed):
     """Same numbers as whole-model verification on the same tokens. streamed: bf16 parent and tiny
-    cast/activation budgets, so linear weights are cast a few rows at a time, the random child's
-    vocabulary tables are drawn in many chunks, and every micro-batch is one sequence."""
+    cast/activation/logits budgets, so linear weights are cast a few rows at a time, the random
+    child's vocabulary tables are drawn in many chunks, every micro-batch is one sequence, and the
+    logits come a few positions by a few vocabulary rows at a time."""
     import shrinkit.calibrate as C
     from shrinkit.families import family_for
     from shrinkit.verify import heldout_tokens
 
     dt = torch.bfloat16 if streamed else torch.float32
     if streamed:
+        import shrinkit.verify as V
+
         monkeypatch.setattr(C, "CAST_BYTES", 2048)
         monkeypatch.setattr(C, "ACT_BYTES", 2048)
+        monkeypatch.setattr(V, "TABLE_BYTES", 1024)   # vocabulary chunks of a few rows
+        monkeypatch.setattr(V, "LOGITS_BYTES", 4096)  # and blocks of a few positions
     make = {"llama": lambda p: planted.llama_like(p, dtype=dt),
             "llama_tied": lambda p: planted.llama_like(p, "qwen2", tie=True, attention_bias=True, dtype=dt),
             "gpt2": lambda p: planted.gpt2(p, dtype=dt),
@@ -213,8 +218,12 @@ def test_streamed_verification_matches_whole_model_per_family(tmp_path, monkeypa
     from shrinkit.families import family_for
     from shrinkit.verify import heldout_tokens
 
+    import shrinkit.verify as V
+
     monkeypatch.setattr(C, "CAST_BYTES", 4096)
     monkeypatch.setattr(C, "ACT_BYTES", 4096)
+    monkeypatch.setattr(V, "TABLE_BYTES", 2048)
+    monkeypatch.setattr(V, "LOGITS_BYTES", 8192)
     parent, target = _family_parent(kind, tmp_path / "p")
     with open_checkpoint(parent) as ck:
         fam = family_for(ck.config)
