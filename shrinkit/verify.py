@@ -57,7 +57,8 @@ def _pairwise(e: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ the random-init child
 class RandomBlockModel(BlockModel):
     """A random-init model of the child's shape (read from the child's checkpoint header), run
-    block at a time like BlockModel. A module's parameters are materialized in float32 and drawn
+    block at a time like BlockModel. A module's parameters are materialized in float32 (linear
+    weights in a scratch-file mapping, like the calibration's activations) and drawn
     by the model's own `_init_weights` (children first, as transformers' initialize_weights does),
     with the RNG seeded from the run's seed and the module's name, so a block is the same
     whenever it is drawn; they are dropped again by free(). The input embedding and output head
@@ -139,9 +140,14 @@ class RandomBlockModel(BlockModel):
             if id(sub) in tables:
                 sub.forward = self._lookup(sub) if sub is self._emb else self._project(sub)
                 continue
+            stream = C._streamed(sub)
             for pname, p in list(sub.named_parameters(recurse=False)):
-                sub._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32),
-                                                            requires_grad=False)
+                # a linear weight is drawn into a scratch-file mapping (page cache the kernel can
+                # write back, as the calibration's residual stream): the block's largest tensors
+                # do not grow the process's own memory with the model's width
+                big = stream and pname == "weight" and self.device.type == "cpu"
+                t = C.activation_buffer(tuple(p.shape), self.scratch) if big else torch.empty(p.shape, dtype=torch.float32)
+                sub._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
         for name, sub in subs:
             if id(sub) in tables:
                 continue
