@@ -214,9 +214,9 @@ class Fit:
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
 
-def _load_lazily(bm, layer: torch.nn.Module) -> dict:
-    """Load each of a block's modules (BlockModel.load) just before it first runs, so that what a
-    stopped forward pass never reaches is not loaded; returns the pending hooks (to remove)."""
+def _load_lazily(bm, modules) -> dict:
+    """Load each of these modules (a block's, BlockModel.load) just before it first runs, so that
+    what a stopped forward pass never reaches is not loaded; returns the pending hooks (to remove)."""
     from ..calibrate import _linear_forward, _streamed
 
     pending: dict = {}
@@ -228,7 +228,7 @@ def _load_lazily(bm, layer: torch.nn.Module) -> dict:
                 h.remove()
         bm.load(m)
 
-    for sub in layer.modules():
+    for sub in modules:
         if next(sub.parameters(recurse=False), None) is None:
             continue
         if _streamed(sub):  # Module.__call__ looks up forward before its pre-hooks run
@@ -374,7 +374,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             run_parent(nxt)
             nxt += 1
         clayer = cm.layers[k]
-        lazy = _load_lazily(cm, clayer)  # the MLP's weights only when step 3 first runs it
+        lazy = _load_lazily(cm, clayer.modules())  # the MLP's weights only when step 3 first runs it
         o = clayer.get_submodule(ad.out_proj)
         d = clayer.get_submodule(ad.down_proj)
         fo = _fit_for(o, ad.in_first, dev, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
@@ -417,6 +417,18 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         # 3. the MLP output projection: the child's residual onto the parent's
         fd = _fit_for(d, ad.in_first, dev, n_tok, scratch)
         child_pass(clayer, fit_down=fd)
+        # the solve needs none of the child's other modules (they load again when step 4 runs
+        # them) nor the cast buffers
+        rest = [m for m in clayer.modules() if next(m.parameters(recurse=False), None) is not None
+                and o not in list(m.modules()) and d not in list(m.modules())]
+        for m in rest:
+            h = lazy.pop(m, None)
+            if h is not None:
+                h.remove()
+            cm.free(m)
+        lazy.update(_load_lazily(cm, rest))
+        pm._bufs.clear()
+        trim()
         D, *e_d = fd.solve(stage.alpha)
         del fd
         _apply(d, D, ad.in_first)
