@@ -264,16 +264,22 @@ def _fit_for(mod: torch.nn.Module, in_first: bool, device, tokens: int | None = 
     return Fit(n_in, n_out, mod.bias is not None, device, tokens, scratch)
 
 
-def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool) -> None:
-    """W0 + Delta (Delta as [in (+1 bias row), out]) into a linear layer, as float32, written
-    over Delta's own storage (no second float32 copy of the weight)."""
+def _apply(mod: torch.nn.Module, D: torch.Tensor, in_first: bool, dtypes: tuple) -> None:
+    """W0 + Delta (Delta as [in (+1 bias row), out]) into a linear layer, summed in float32 over
+    Delta's own storage, then stored in the child's dtypes (weight, bias): what the child's stream
+    runs through next is what the written child will hold, and a bfloat16 child's refitted
+    projection takes half the memory of a float32 one."""
     bias = mod.bias is not None
     n_in = D.shape[0] - (1 if bias else 0)
     d = D[:n_in]
     d.add_(mod.weight if in_first else mod.weight.T)  # Delta + W0: the same sums as W0 + Delta
-    mod._parameters["weight"] = torch.nn.Parameter(d if in_first else d.T, requires_grad=False)
+    w = d if in_first else d.T
+    if dtypes[0] is not None and w.dtype != dtypes[0]:
+        w = torch.empty(w.shape, dtype=dtypes[0], device=w.device).copy_(w)
+    mod._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
     if bias:
-        mod._parameters["bias"] = torch.nn.Parameter(mod.bias.float() + D[n_in], requires_grad=False)
+        b = mod.bias.float() + D[n_in]
+        mod._parameters["bias"] = torch.nn.Parameter(b.to(dtypes[1] or b.dtype), requires_grad=False)
 
 
 def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "cpu", tokenizer=None,
@@ -376,6 +382,11 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         clayer = cm.layers[k]
         lazy = _load_lazily(cm, clayer.modules())  # the MLP's weights only when step 3 first runs it
         o = clayer.get_submodule(ad.out_proj)
+        prefix = cm._full(clayer)
+
+        def child_dtypes(mod_path: str) -> tuple:  # (weight, bias) dtypes the child stores
+            return tuple(view.cts[cm._index[f"{prefix}.{mod_path}.{n}"]].dtype
+                         if f"{prefix}.{mod_path}.{n}" in cm._index else None for n in ("weight", "bias"))
         d = clayer.get_submodule(ad.down_proj)
         fo = _fit_for(o, ad.in_first, dev, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
 
@@ -405,7 +416,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         nxt = p + 1
         D, *e_o = fo.solve(stage.alpha)
         del fo
-        _apply(o, D, ad.in_first)
+        _apply(o, D, ad.in_first, child_dtypes(ad.out_proj))
         del D
 
         # 2. the parent on to where the next kept layer reads (or to the final norm)
@@ -431,13 +442,12 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         trim()
         D, *e_d = fd.solve(stage.alpha)
         del fd
-        _apply(d, D, ad.in_first)
+        _apply(d, D, ad.in_first, child_dtypes(ad.down_proj))
         del D
 
         # 4. the child's stream through the healed block
         child_pass(clayer, update=True)
         tensors = {}
-        prefix = cm._full(clayer)
         for mod_path, mod in ((ad.out_proj, o), (ad.down_proj, d)):
             for pname in ("weight", "bias"):
                 t = getattr(mod, pname, None)
