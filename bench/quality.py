@@ -387,7 +387,8 @@ def load_arm(arm: str, children: dict, device):
 
     kw = dict(dtype=torch.float32, attn_implementation="sdpa")
     if arm == "random":
-        cfg = AutoConfig.from_pretrained(str(next(children[a] for a in children if a not in ROTATED)))
+        cfg = AutoConfig.from_pretrained(str(next((children[a] for a in children if a not in ROTATED),
+                                                   next(iter(children.values())))))
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg, **kw)
     else:
@@ -798,7 +799,8 @@ def main(argv=None) -> int:
                 with locked(f"subclone {arm}"):
                     children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device,
                                                          reuse=args.reuse_children)
-        rep0 = json.loads((next(children[a] for a in children if a not in ROTATED) / "shrinkit_report.json").read_text())
+        rep0 = json.loads((next((children[a] for a in children if a not in ROTATED), next(iter(children.values())))
+                            / "shrinkit_report.json").read_text())
         R["config"]["lm_shape"] = {k: rep0["child"]["dims"][k] for k in ("hidden_size", "intermediate_size",
                                    "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
         if "budget" in rep0:
@@ -900,7 +902,7 @@ def main(argv=None) -> int:
             f"projected total {(time.perf_counter() - T0 + est) / 60:.1f} min"
             + (f" of {budget_s / 60:.1f}" if budget_s else ""))
 
-        lm = {"params": next(v for a, v in params.items() if a not in ROTATED), "parent_params": parent_params, "parent_ppl": parent_ppl,
+        lm = {"params": next((v for a, v in params.items() if a not in ROTATED), next(iter(params.values()))), "parent_params": parent_params, "parent_ppl": parent_ppl,
               "train_tokens_total": len(train_ids), "eval_steps": sorted({0} | eval_at), "eval_every": eval_every,
               "timing": {"s_per_step": s_step, "s_per_eval": s_eval, "estimate_s": est}, "arms": {}}
         R["lm"] = lm
