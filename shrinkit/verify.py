@@ -37,6 +37,12 @@ GATE_KEYS = ("max_kl", "max_perplexity_ratio", "min_similarity")
 FAILED = ("failed", "gate_missed", "error")   # statuses that make `shrinkit subclone` exit 4
 
 
+def _table_rows(width: int) -> int:
+    """Vocabulary rows of `width` floats in TABLE_BYTES: a random table's draw chunk, and the
+    vocabulary chunk of the logits."""
+    return max(1, TABLE_BYTES // (width * 4))
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     d = a.norm() * b.norm()
@@ -77,7 +83,7 @@ class RandomBlockModel(BlockModel):
 
     def table_rows(self, module: torch.nn.Module) -> int:
         """Rows of a vocabulary table drawn at a time (each chunk seeded on its own)."""
-        return max(1, TABLE_BYTES // (module.weight.shape[1] * 4))
+        return _table_rows(module.weight.shape[1])
 
     def table_chunk(self, module: torch.nn.Module, c: int) -> torch.Tensor:
         """Chunk c (rows c * table_rows ... ) of a vocabulary table, float32, drawn by the model's
@@ -200,7 +206,6 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
             spec = spec.model_copy(update={"data": fam.random_data})
             note = f"the parent has no data source for builtin data: verified on {fam.random_data.replace('_', ' ')}"
         ids = heldout_tokens(ckpt, spec, seed=seed, tokenizer=tokenizer)
-    vocab = fam.dims(ckpt.config).vocab_size
     bs = spec.batch_size
     out = {"data": spec.data, "samples": int(ids.shape[0]), "seq_len": spec.seq_len, "inputs": fam.describe_inputs(ids)}
     if note:
@@ -225,7 +230,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
         with torch.no_grad():
             if bm.ad.causal:
                 out["kind"] = "causal_lm"
-                _causal(out, models, states, ids, bs, vocab, dev)
+                _causal(out, models, states, ids, bs, dev)
             else:
                 out["kind"] = "encoder"
                 out["pool"] = bm.ad.pool
@@ -270,7 +275,7 @@ def _once(norm: torch.nn.Module):
     return forward
 
 
-def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int, vocab: int, dev) -> None:
+def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int, dev) -> None:
     """Loss and perplexity of each model and KL(parent || model), with the logits computed a
     block of positions by a chunk of vocabulary rows at a time (LOGITS_BYTES each): per position
     an online log-sum-exp (running maximum and sum) for every model, the target's logit, and
@@ -293,7 +298,7 @@ def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int
         V = n_vocab.pop()
         rm = models.get("random_init")
         R = rm.table_rows(heads["random_init"]) if isinstance(rm, RandomBlockModel) and rm._out is not None \
-            else max(1, TABLE_BYTES // (heads["parent"].weight.shape[1] * 4))
+            else _table_rows(heads["parent"].weight.shape[1])
         R = min(R, V)
         for k, m in models.items():
             norm, head = parts[k]

@@ -41,6 +41,8 @@ from ..malloc import trim
 from ..plan import Plan
 from .slice import slice_blocks
 
+FIT_BLOCK_BYTES = 4 << 20  # float32 bytes of the token, column or row blocks a fit is solved in
+
 
 @dataclasses.dataclass(frozen=True)
 class _Info:
@@ -161,7 +163,7 @@ class Fit:
             X, R = self.X[:self.rows], self.R[:self.rows]
             self.G = torch.zeros(self.k, self.k, dtype=torch.float32, device=X.device)
             self.E = torch.zeros(self.k, self.n_out, dtype=torch.float32, device=X.device)
-            step = max(1, (4 << 20) // (4 * self.k))
+            step = max(1, FIT_BLOCK_BYTES // (4 * self.k))
             for t0 in range(0, len(X), step):
                 xt = X[t0:t0 + step]
                 self.G.addmm_(xt.T, xt)
@@ -177,7 +179,7 @@ class Fit:
         # ||X (W0 + D) - Y||^2 = e0 - 2 <D, E> + <D, G D>, and G D = E - lambda D at the solution;
         # the sums in float64
         de = dd = 0.0
-        step = max(1, (4 << 20) // (4 * len(D)))
+        step = max(1, FIT_BLOCK_BYTES // (4 * len(D)))
         for c0 in range(0, D.shape[1], step):
             e = D[:, c0:c0 + step]
             d = torch.cholesky_solve(e, L)
@@ -194,7 +196,7 @@ class Fit:
         X, R = self.X[:self.rows], self.R[:self.rows]
         n = len(X)
         K = torch.zeros(n, n, dtype=torch.float32, device=X.device)  # X X^T, a column block of X at a time
-        step = max(1, (4 << 20) // (4 * max(n, 1)))
+        step = max(1, FIT_BLOCK_BYTES // (4 * max(n, 1)))
         for c0 in range(0, self.k, step):
             xc = X[:, c0:c0 + step]
             K.addmm_(xc, xc.T)
