@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import OutputError, ParentError, RecipeError, ShrinkitError, UsageError
 from .malloc import gomp_default as _gomp_default
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _gomp_default()  # before torch loads libgomp; a no-op once torch is imported or when the user set it
 

@@ -63,8 +63,8 @@ def current_report(out: PathLike, parent: PathLike, recipe: RecipeLike, *, confi
                    revision: str | None = None) -> dict | None:
     """The report of the child in OUT if it was cut from this very parent (same shard and config
     hashes) by this recipe (same canonical JSON) and this shrinkit version; else None."""
-    from . import __version__
-    from .pipeline import parent_hash, recipe_hash
+    from .hashing import parent_hash, recipe_hash
+    from .version import __version__
     from .validate import MAX_CONFIG, loads, read_capped
 
     rep_path = Path(out) / "shrinkit_report.json"
@@ -151,7 +151,7 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     from .checkpoint.reader import open_checkpoint
     from .errors import UsageError
     from .families import family_for
-    from .pipeline import resolve_device
+    from .preflight import resolve_device
     from pydantic import ValidationError
 
     from .pair import check_pair

@@ -112,17 +112,19 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
 
     from .plan import Plan, count_params, resolve_target
     from .families.spaces import Space
-    from .stages.layers import count_from_lists, keep_layers
-    from .stages.rank import select
+    from .ranking import ensure_selected
+    from .stages import STAGES, Context
 
     t = recipe.target
     kind, value = t.budget()
     m = t.multiple_of or DEFAULT_MULTIPLE
-    drop, rank = recipe.stage("drop_layers"), recipe.stage("rank_neurons")
-    from_lists = count_from_lists(drop, pdims.num_hidden_layers)
-    rotate = recipe.stage("rotate_hidden") is not None   # projects the hidden axis; a tied head is written untied
-    widths_free = rank is not None
-    layers_free = drop is not None and from_lists is None and t.num_hidden_layers is None
+    steps = [(STAGES[n], cfg) for n, cfg in recipe.parsed]
+    caps = {c for st, _ in steps for c in st.provides}
+    from_lists = next((n for st, cfg in steps if (n := st.child_layers(cfg, pdims.num_hidden_layers)) is not None), None)
+    rotate = "rotates_hidden" in caps   # projects the hidden axis; a tied head is written untied
+    widths_free = "ranks" in caps
+    layers_free = "drops_layers" in caps and from_lists is None and t.num_hidden_layers is None
+    choosers = [(st, cfg) for st, cfg in steps if "drops_layers" in st.provides]
 
     # ---- exact counting through the plan
     def count(hidden, ffn, heads, kv, layers) -> tuple[int, int, object] | None:
@@ -136,11 +138,10 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
             return None
         plan = Plan(fam, pdims, dims, torch.float32, cast=False)
         plan.rotate, plan.untie = rotate, rotate and fam.tied(ckpt.config)
-        if drop is not None and drop.strategy != "importance":
-            plan.layers = keep_layers(drop, pdims.num_hidden_layers, dims.num_hidden_layers)
-        else:
-            plan.layers = list(range(dims.num_hidden_layers))
-        select(plan, "first", None, plan.layers, 0)
+        plan.layers = list(range(dims.num_hidden_layers))
+        for st, cfg in choosers:   # the layers a stage keeps from the recipe alone (not from calibration)
+            st.prepare(cfg, Context(ckpt, recipe, plan=plan))
+        ensure_selected(plan, 0)
         cts = plan.child_tensors(ckpt)
         total = count_params(cts)
         emb = count_params([c for c in cts if any(a is Space.VOCAB for a in c.rule.axes)])

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__  # the package sets GOMP_SPINCOUNT before torch loads (shrinkit.malloc)
+from .version import __version__  # importing any submodule runs the package first: it sets GOMP_SPINCOUNT before torch loads (shrinkit.malloc)
 from .errors import ShrinkitError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

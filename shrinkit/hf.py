@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from .errors import ParentError, RecipeError
 
+# the files beside a parent's weights that a child takes along (tokenizer, generation settings,
+# image processor), and that a Hub download of a parent fetches
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json",   # image processor (vision parents)
+)
+
 
 def check_config(cfg: dict, parent: bool = False) -> None:
     """Refuse a child config that transformers would reject (RecipeError), or with `parent`, a

@@ -115,7 +115,7 @@ def _from_hub(repo: str, revision: str | None, quiet: bool, log) -> Source:
     except ImportError:  # pragma: no cover - a dependency
         raise UsageError(f"{repo} looks like a Hub id, but huggingface_hub is not installed; pip install huggingface_hub "
                          "or pass a local folder") from None
-    from .pipeline import TOKENIZER_FILES
+    from .hf import TOKENIZER_FILES
 
     meta = ["config.json", INDEX, *TOKENIZER_FILES]
     cache = cache_dir()

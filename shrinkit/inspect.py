@@ -26,17 +26,16 @@ def inspect_summary(parent, config=None) -> dict:
 
 def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None) -> dict:
     from .pipeline import check_data, prepare
+    from .ranking import ensure_selected
 
     with open_checkpoint(parent, config) as ck:
         plan = prepare(ck, recipe)
-        check_data(ck, recipe, verify=True)   # the calibration files subclone would read (verification on)
-        from .stages.rank import select
-        select(plan, "first", None, plan.layers, recipe.seed)  # shapes only; ranking does not change them
+        check_data(ck, recipe, verify=True, plan=plan)   # the calibration files subclone would read (verification on)
+        ensure_selected(plan, recipe.seed)  # shapes only; ranking does not change them
         cts = plan.child_tensors(ck)
         nbytes = sum(c.nbytes for c in cts)
         shards = layout([Entry(c.name, c.dtype, c.shape) for c in cts], parse_size(recipe.output.max_shard_size))
-        layers_note = plan.layers if (recipe.stage("drop_layers") is None or
-                                      recipe.stage("drop_layers").strategy != "importance") else "chosen by calibration"
+        layers_note = "chosen by calibration" if _layers_chosen_later(recipe) else plan.layers
         return {
             "parent": {**plan.parent.as_dict(), "bytes": ck.total_bytes, **(source or {})},
             "child": {**plan.child.as_dict(), "params": count_params(cts), "bytes": nbytes,
@@ -45,3 +44,9 @@ def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None
             "stages": {n: s.model_dump() for n, s in recipe.parsed},
             **({"budget": plan.budget} if plan.budget else {}),
         }
+
+
+def _layers_chosen_later(recipe: Recipe) -> bool:
+    """Whether a stage chooses the child's layers at run time (from calibration)."""
+    from .stages import STAGES
+    return any(getattr(STAGES[n], "chooses_later", lambda c: False)(cfg) for n, cfg in recipe.parsed)

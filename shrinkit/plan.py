@@ -16,7 +16,10 @@ from .errors import ParentError, RecipeError
 from .families import Dims, Family
 from .families.base import OPTIONAL
 from .families.spaces import HEAD, Fused, Rule, Space
-from .recipe import Recipe
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .recipe import Recipe
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_STR = {v: k for k, v in OUT_DTYPES.items()}
@@ -256,7 +259,7 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
 
 
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
-                   model_type: str | None = None) -> Dims:
+                   model_type: str | None = None, layers_stage: str | None = None) -> Dims:
     """The child's shape from the recipe's target, or a RecipeError if it is impossible."""
     t = recipe.target
     if t.intermediate_size and not parent.intermediate_size:
@@ -284,7 +287,8 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
                 kv -= 1
     layers = t.num_hidden_layers or n_layers_from_stage or parent.num_hidden_layers
     if n_layers_from_stage is not None and layers != n_layers_from_stage:
-        raise RecipeError(f"target.num_hidden_layers is {layers}, but drop_layers keeps {n_layers_from_stage} layers; make them agree")
+        raise RecipeError(f"target.num_hidden_layers is {layers}, but {layers_stage or 'the pipeline'} keeps "
+                          f"{n_layers_from_stage} layers; make them agree")
     for name, c, p in (("hidden_size", hidden, parent.hidden_size), ("intermediate_size", ffn, parent.intermediate_size),
                        ("num_attention_heads", heads, parent.num_attention_heads),
                        ("num_key_value_heads", kv, parent.num_key_value_heads),

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint.reader import Checkpoint
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, ShrinkitError, UsageError
 from .plan import Plan
-from .recipe import Calibration, Recipe
+from .ranking import ensure_selected
+from .specs import Calibration, Verify
+from .stages import STAGES, Context, Read
 
 DEFAULT_VERIFY_SAMPLES = 16     # a full verification without calibration to follow
 DEFAULT_VERIFY_SEQ_LEN = 256
-SHARED = ("rank_neurons", "drop_layers")   # stages whose calibration pass can carry the held-out windows
 DEFAULT_VERIFY_FRACTION = 8     # a calibrated run's default: calibration samples // 8 held-out windows
 SLACK_BYTES = 16 << 20          # headers, config, tokenizer files, report
 
@@ -85,99 +86,125 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def calibrating_stages(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tokenizer) -> list[str]:
+def stage_reads(ckpt: Checkpoint, plan: Plan, recipe, tokenizer) -> list[Read]:
+    """What every stage that will run reads, in pipeline order (the registry's reads())."""
+    ctx = Context(ckpt, recipe, tokenizer, plan=plan)
+    return [r for name, cfg in recipe.parsed for r in STAGES[name].reads(cfg, ctx)]
+
+
+def calibrating_stages(ckpt: Checkpoint, plan: Plan, recipe, tokenizer) -> list[str]:
     """The stages that will run the parent on calibration data, in pipeline order."""
-    from .pipeline import default_method
-    from .stages.rank import spaces_to_rank
-
-    out = []
-    for name, st in recipe.parsed:
-        if name == "rank_neurons" and (st.method or default_method(ckpt, tokenizer)) == "activation" \
-                and spaces_to_rank(plan):
-            out.append(name)
-        elif name == "drop_layers" and st.strategy == "importance":
-            out.append(name)
-        elif name == "rotate_hidden":
-            out.append(name)
-        elif name == "heal" and (st.when == "always" or _heal_auto_runs(ckpt, plan, recipe, tokenizer)):
-            out.append(name)
-    return out
+    return list(dict.fromkeys(r.stage for r in stage_reads(ckpt, plan, recipe, tokenizer)))
 
 
-def _heal_auto_runs(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tokenizer) -> bool:
-    """heal `when: auto` runs on a child that drops layers when there is text for it."""
-    from .pipeline import _has_text
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
 
-    b = plan.family.block
-    return bool(b is not None and b.out_proj and b.down_proj
-                and plan.child.num_hidden_layers < plan.parent.num_hidden_layers
-                and _has_text(ckpt, recipe.calibration_for("heal"), tokenizer))
+
+class _Reading:
+    """Re-raises a data error of one reader with what reads it: `drop_layers (importance) reads
+    calibration text (builtin): ...`, and where another stage has its own calibration block that
+    this one does not share, how a top-level `calibration:` serves both."""
+
+    def __init__(self, read: Read, recipe):
+        self.read, self.recipe = read, recipe
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, ShrinkitError) or getattr(e, "_reader", False):
+            return False
+        r = self.read
+        msg = f"{r.label} reads {r.what} ({r.spec.data}): {e}"
+        own = getattr(self.recipe.stage(r.stage), "calibration", None) if r.stage in STAGES else None
+        others = [n for n, cfg in self.recipe.parsed if n != r.stage and getattr(cfg, "calibration", None) is not None]
+        if self.recipe.calibration is None and own is None and others:
+            msg += (f" (the `calibration:` block under {others[0]} serves that stage only; a top-level "
+                    "`calibration:` beside `stages:` serves every stage)")
+        err = type(e)(msg)
+        err._reader = True
+        raise err from None
 
 
-def preflight(ckpt: Checkpoint, plan: Plan, recipe: Recipe, out: Path, *, device: str = "cpu",
+def preflight(ckpt: Checkpoint, plan: Plan, recipe, out: Path, *, device: str = "cpu",
               tokenizer=None, verify: bool = True) -> Checks:
-    from . import calibrate as C
-    from .pipeline import resolve_device
-
+    """Every check before the first forward pass or written byte, in four phases: each reading
+    stage's calibration spec, the verification's mode and held-out spec, the output folder and
+    its free space, then the data itself (files, tokenizer, enough text: the windows are made here,
+    once)."""
     ck = Checks(device=resolve_device(device))
     fam = plan.family
     ck.max_positions = fam.max_positions(ckpt.config)
     pos_key = fam.keys.get("max_position_embeddings") or "max_position_embeddings"
-    notes = ck.notes
-
-    # -- calibration specs, one per calibrating stage (the top-level block under each stage's own)
-    for name in calibrating_stages(ckpt, plan, recipe, tokenizer):
-        spec = recipe.calibration_for(name)
-        ck.specs[name] = _clamp(spec, "seq_len" in spec.model_fields_set, ck.max_positions,
-                                f"{name} calibration", pos_key, notes)
-
-    # -- verification: mode and held-out spec
-    v = recipe.verify
-    if not verify:
-        ck.verify_mode = None
-    elif v is not None or ck.specs:
-        ck.verify_mode = "full"
-    else:
-        ck.verify_mode = "structural"
+    reads = _specs(ck, ckpt, plan, recipe, tokenizer, pos_key)
+    ck.verify_mode = None if not verify else "full" if (recipe.verify is not None or ck.specs) else "structural"
     if ck.verify_mode == "full":
-        if fam.block is None:
-            raise UsageError(f"verification does not support the {fam.name} family yet; pass --no-verify")
-        base = next(iter(ck.specs.values()), None) or recipe.calibration
-        v = v or _default_verify()
-        explicit_len = v.seq_len is not None or (base is not None and "seq_len" in base.model_fields_set)
-        seq_len = v.seq_len or (base.seq_len if base is not None else DEFAULT_VERIFY_SEQ_LEN)
-        if v.tokens is not None:
-            samples = max(2, math.ceil(v.tokens / seq_len))
-        elif v.samples is not None:
-            samples = max(2, v.samples)
-        elif ck.specs:
-            samples = max(2, base.samples // DEFAULT_VERIFY_FRACTION)
-        else:
-            samples = DEFAULT_VERIFY_SAMPLES
-        data = v.data or (base.data if base is not None else "builtin")
-        spec = Calibration(data=data, samples=samples, seq_len=seq_len, batch_size=v.batch_size)
-        spec = _clamp(spec, explicit_len, ck.max_positions, "verify", pos_key, notes)
-        if v.tokens is not None and spec.seq_len != seq_len:
-            spec = spec.model_copy(update={"samples": max(2, math.ceil(v.tokens / spec.seq_len))})
-        if spec.data == "builtin" and v.data is None and (base is None or "data" not in base.model_fields_set) \
-                and not fam.has_data_source(ckpt.root, tokenizer):
-            spec = spec.model_copy(update={"data": fam.random_data})
-            notes.append(f"verify: the parent has no data source for builtin data, so the held-out check runs on "
-                         f"{fam.random_data.replace('_', ' ')}")
-        ck.verify = spec
-        ck.gate = v.gate()
-        causal = fam.block.causal
-        wrong = [k for k in ck.gate if (k == "min_similarity") == causal]
-        if wrong:
-            kind = "causal LM" if causal else "encoder"
-            raise RecipeError(f"verify: {wrong[0]} does not apply to this {kind} parent; use "
-                              + ("max_kl or max_perplexity_ratio" if causal else "min_similarity"))
+        _verify_spec(ck, ckpt, fam, recipe, tokenizer, pos_key)
+    _disk(ck, ckpt, plan, recipe, out)
+    _data(ck, ckpt, plan, recipe, tokenizer, reads)
+    return ck
 
-    # -- the output: a writable folder with room for the child and the scratch activations
+
+def _specs(ck: Checks, ckpt, plan, recipe, tokenizer, pos_key) -> dict:
+    """Calibration specs, one per calibrating stage (the top-level block under each stage's own,
+    seq_len clamped to the parent's positions); returns stage -> its Read with that spec."""
+    reads = {}
+    for r in stage_reads(ckpt, plan, recipe, tokenizer):
+        if r.stage in ck.specs:
+            continue
+        ck.specs[r.stage] = _clamp(r.spec, "seq_len" in r.spec.model_fields_set, ck.max_positions,
+                                   f"{r.stage} calibration", pos_key, ck.notes)
+        reads[r.stage] = Read(r.stage, r.label, r.what, ck.specs[r.stage])
+    return reads
+
+
+def _verify_spec(ck: Checks, ckpt, fam, recipe, tokenizer, pos_key) -> None:
+    """A full verification's held-out spec and gate (defaults from the first calibration spec)."""
+    if fam.block is None:
+        raise UsageError(f"verification does not support the {fam.name} family yet; pass --no-verify")
+    base = next(iter(ck.specs.values()), None) or recipe.calibration
+    v = recipe.verify or _default_verify()
+    explicit_len = v.seq_len is not None or (base is not None and "seq_len" in base.model_fields_set)
+    seq_len = v.seq_len or (base.seq_len if base is not None else DEFAULT_VERIFY_SEQ_LEN)
+    if v.tokens is not None:
+        samples = max(2, math.ceil(v.tokens / seq_len))
+    elif v.samples is not None:
+        samples = max(2, v.samples)
+    elif ck.specs:
+        samples = max(2, base.samples // DEFAULT_VERIFY_FRACTION)
+    else:
+        samples = DEFAULT_VERIFY_SAMPLES
+    data = v.data or (base.data if base is not None else "builtin")
+    spec = Calibration(data=data, samples=samples, seq_len=seq_len, batch_size=v.batch_size)
+    spec = _clamp(spec, explicit_len, ck.max_positions, "verify", pos_key, ck.notes)
+    if v.tokens is not None and spec.seq_len != seq_len:
+        spec = spec.model_copy(update={"samples": max(2, math.ceil(v.tokens / spec.seq_len))})
+    if spec.data == "builtin" and v.data is None and (base is None or "data" not in base.model_fields_set) \
+            and not fam.has_data_source(ckpt.root, tokenizer):
+        spec = spec.model_copy(update={"data": fam.random_data})
+        ck.notes.append(f"verify: the parent has no data source for builtin data, so the held-out check runs on "
+                        f"{fam.random_data.replace('_', ' ')}")
+    ck.verify = spec
+    ck.gate = v.gate()
+    causal = fam.block.causal
+    wrong = [k for k in ck.gate if (k == "min_similarity") == causal]
+    if wrong:
+        kind = "causal LM" if causal else "encoder"
+        raise RecipeError(f"verify: {wrong[0]} does not apply to this {kind} parent; use "
+                          + ("max_kl or max_perplexity_ratio" if causal else "min_similarity"))
+
+
+def _disk(ck: Checks, ckpt, plan, recipe, out: Path) -> None:
+    """The output: a writable folder with room for the child and the scratch activations."""
     anc = _writable_ancestor(out)
-    probe = replace(plan, _cache={})
-    from .stages.rank import select
-    select(probe, "first", None, plan.layers, recipe.seed)  # shapes only; ranking does not change them
+    probe = ensure_selected(replace(plan, _cache={}), recipe.seed)  # shapes only; ranking does not change them
     child_bytes = sum(c.nbytes for c in probe.child_tensors(ckpt))
     scratch = 0
     H = plan.parent.hidden_size
@@ -192,27 +219,35 @@ def preflight(ckpt: Checkpoint, plan: Plan, recipe: Recipe, out: Path, *, device
                          + (f" plus {_gb(scratch)} of scratch activations" if scratch else "")
                          + f", {_gb(free)} is free; free some space or choose another --out")
 
-    # -- data: files, tokenizer, enough text; the windows themselves (made once, used later)
+
+def _data(ck: Checks, ckpt, plan, recipe, tokenizer, reads: dict) -> None:
+    """Data: files, tokenizer, enough text; the windows themselves (made once, used later). An
+    error names the stage that reads the data (_Reading)."""
+    from . import text as T
+
+    fam = plan.family
     text = fam.random_data == "random_tokens"   # a family that reads text (others check their own inputs)
-    all_specs = list(ck.specs.values()) + ([ck.verify] if ck.verify is not None else [])
-    for spec in all_specs:
-        if text:
-            C.check_data(spec.data)
-            if spec.data != "random_tokens":
-                C.load_tokenizer(ckpt, tokenizer)
-    for spec in ck.specs.values():
-        if _key(spec) not in ck.tokens:
-            ck.tokens[_key(spec)] = fam.calibration_inputs(ckpt, spec, plan.parent, seed=recipe.seed,
-                                                           tokenizer=tokenizer)
+    ver = [Read("verify", "verify", "held-out text" if text else "held-out images", ck.verify)] \
+        if ck.verify is not None else []
+    for r in list(reads.values()) + ver:
+        with _Reading(r, recipe):
+            if text:
+                T.check_data(r.spec.data)
+                if r.spec.data != "random_tokens":
+                    T.load_tokenizer(ckpt, tokenizer)
+    for r in reads.values():
+        if _key(r.spec) not in ck.tokens:
+            with _Reading(r, recipe):
+                ck.tokens[_key(r.spec)] = fam.calibration_inputs(ckpt, r.spec, plan.parent, seed=recipe.seed,
+                                                                 tokenizer=tokenizer)
     if ck.verify is not None:
-        ck.verify_ids = fam.calibration_inputs(ckpt, ck.verify, plan.parent, seed=recipe.seed, split="heldout",
-                                               tokenizer=tokenizer)
-        first = next((sp for n, sp in ck.specs.items() if n in SHARED), None)
+        with _Reading(ver[0], recipe):
+            ck.verify_ids = fam.calibration_inputs(ckpt, ck.verify, plan.parent, seed=recipe.seed,
+                                                   split="heldout", tokenizer=tokenizer)
+        first = next((sp for n, sp in ck.specs.items() if STAGES[n].shares_heldout), None)
         if first is not None and first.data == ck.verify.data and first.seq_len == ck.verify.seq_len:
             ck.share = _key(first)
-    return ck
 
 
 def _default_verify():
-    from .recipe import Verify
     return Verify()

@@ -1,6 +1,97 @@
-"""Human-readable renderings of the report: shrinkit_report.md and the child's model card."""
+"""The report: shrinkit_report.json's contents (build_report, kept_report) and its human-readable
+renderings, shrinkit_report.md and the child's model card."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint.reader import Checkpoint
+from .families.spaces import GLOBAL, LAYER, Space
+from .hashing import parent_hash, recipe_hash
+from .plan import DTYPE_STR, Plan, count_params, parent_params
+from .version import __version__
+
+
+def parent_dtype(ckpt: Checkpoint):
+    import torch
+    counts: dict = {}
+    for t in ckpt.tensors.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def build_report(ckpt: Checkpoint, plan: Plan, recipe, stages: list, hashes: dict, cts: list,
+                 seconds: float, source: dict | None = None) -> dict:
+    fam = plan.family
+    tied = fam.tied(ckpt.config)
+
+    kept = {"layers": list(plan.layers)}
+    kept.update(kept_report(plan))
+    return {
+        "shrinkit_version": __version__,
+        "family": fam.name,
+        "architecture": (ckpt.config.get("architectures") or [None])[0],
+        "base_model": source["repo_id"] if source else base_model_name(ckpt),
+        "recipe": recipe.as_dict(),
+        "recipe_hash": recipe_hash(recipe),
+        "parent_hash": parent_hash(ckpt, hashes),
+        "parent": {
+            "path": str(ckpt.weights_path),
+            **({"repo_id": source["repo_id"], "revision": source["revision"]} if source else {}),
+            "dims": plan.parent.as_dict(),
+            "params": parent_params(fam, ckpt),
+            "bytes": ckpt.total_bytes,
+            "dtype": DTYPE_STR.get(parent_dtype(ckpt), str(parent_dtype(ckpt))),
+            "shards": [{"file": s, "sha256": hashes.get(Path(s).name)} for s in ckpt.shards],
+        },
+        "child": {
+            "dims": plan.child.as_dict(),
+            "params": count_params(cts),
+            "bytes": sum(c.nbytes for c in cts),
+            "dtype": DTYPE_STR[plan.out_dtype],
+            "tied_embeddings": tied and not plan.untie,
+            **({"untied_head_params": plan.parent.vocab_size * plan.child.hidden_size} if plan.untie else {}),
+        },
+        "kept": kept,
+        **({"budget": plan.budget} if plan.budget else {}),
+        "stages": stages,
+        "seconds": round(seconds, 3),
+    }
+
+
+def kept_report(plan: Plan) -> dict:
+    """Kept indices of every space of the family, in child numbering: a list (global space), or
+    {child layer: list} or {"child layer.child expert": list}; "all" where nothing is cut."""
+    out = {}
+    for sp in plan.family.spaces():
+        if not sp.cut:
+            continue
+        if sp.per == GLOBAL:
+            k = plan.kept.get((sp, None))
+            out[sp.name] = k.tolist() if k is not None else (
+                "rotated" if sp is Space.HIDDEN and plan.rotation is not None else "all")
+            continue
+        d = {}
+        for ci, p in enumerate(plan.layers):
+            if sp.per == LAYER:
+                if (sp, p) in plan.kept:
+                    d[str(ci)] = plan.kept[(sp, p)].tolist()
+                continue
+            experts = plan.kept_experts(p)
+            for ce, e in enumerate(experts if experts is not None else range(plan.parent.num_experts or 0)):
+                if (sp, (p, e)) in plan.kept:
+                    d[f"{ci}.{ce}"] = plan.kept[(sp, (p, e))].tolist()
+        out[sp.name] = d or "all"
+    return out
+
+
+def base_model_name(ckpt: Checkpoint) -> str:
+    n = ckpt.config.get("_name_or_path")
+    if isinstance(n, str) and n and not os.path.isabs(n) and n.count("/") == 1:
+        return n
+    return ckpt.root.resolve().name
 
 
 def _fmt_params(n: int) -> str:

@@ -5,7 +5,7 @@ Causal LMs: loss and perplexity of parent, child and random child, and the KL di
 the child's next-token distribution from the parent's. Encoders: how well the child keeps the
 parent's pairwise cosine similarities of mean-pooled embeddings (Pearson and Spearman).
 
-All three models run one block at a time (shrinkit.calibrate.BlockModel), as in calibration:
+All three models run one block at a time (shrinkit.runtime.BlockModel), as in calibration:
 the parent and the child from their shards, the random child from blocks drawn with
 transformers' own init for that model (its `_init_weights`, seeded per module) and dropped
 after use; its vocabulary tables are drawn in row chunks inside the lookup and the head.
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import calibrate as C
-from .calibrate import BlockModel
+from . import runtime as C
+from .runtime import BlockModel
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import UsageError
 from .families import family_for
-from .recipe import Calibration
+from .specs import Calibration
 
 TABLE_BYTES = 1 << 20    # float32 bytes of a random vocabulary table drawn at a time (one vocabulary chunk)
 LOGITS_BYTES = 4 << 20   # float32 bytes of one model's logits chunk (positions x vocabulary rows)
@@ -91,7 +91,7 @@ class RandomBlockModel(BlockModel):
         head draws the input embedding's chunks (the same tensor)."""
         emb = self._emb
         as_embedding = module is emb or (self.tied and module is self._out)
-        name = self._full(emb if as_embedding else module)
+        name = self.name_of(emb if as_embedding else module)
         n_rows, width = module.weight.shape
         rows = self.table_rows(module)
         r0, r1 = c * rows, min(n_rows, (c + 1) * rows)
@@ -133,7 +133,7 @@ class RandomBlockModel(BlockModel):
         return forward
 
     def load(self, module: torch.nn.Module, keep_dtype: bool = False) -> None:
-        prefix = self._full(module)
+        prefix = self.name_of(module)
         tables = {id(m) for m in (self._emb, self._out) if m is not None}
 
         def post_order(m: torch.nn.Module, name: str):
@@ -146,7 +146,7 @@ class RandomBlockModel(BlockModel):
             if id(sub) in tables:
                 sub.forward = self._lookup(sub) if sub is self._emb else self._project(sub)
                 continue
-            stream = C._streamed(sub)
+            stream = C.streamed(sub)
             for pname, p in list(sub.named_parameters(recurse=False)):
                 # a linear weight is drawn into a scratch-file mapping (page cache the kernel can
                 # write back, as the calibration's residual stream): the block's largest tensors
@@ -184,8 +184,9 @@ def _key_report(bm: BlockModel) -> dict:
     """What transformers' loader would say about this checkpoint (missing / unused keys), as data
     for the report instead of a table on the terminal."""
     tied_head = f"{bm.ad.head}.weight" if bm.tied and bm.ad.head else None
-    missing = sorted(n for n, _ in bm.model.named_parameters() if n not in bm._index and n != tied_head)
-    used = set(bm._index.values())
+    index = bm.index
+    missing = sorted(n for n, _ in bm.model.named_parameters() if n not in index and n != tied_head)
+    used = set(index.values())
     unused = sorted(k for k in bm.ckpt.tensors if k not in used)
     return {k: v for k, v in (("missing", missing), ("unused", unused)) if v}
 
@@ -224,7 +225,8 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
         if keys:
             out["child_keys"] = keys
         rm = RandomBlockModel(child_ck, fam, device, scratch, seed)
-        cm._bufs = rm._bufs = bm._bufs   # one set of weight-cast buffers, not one per model
+        cm.share_buffers(bm)
+        rm.share_buffers(bm)   # one set of weight-cast buffers, not one per model
         models = {"parent": bm, "child": cm, "random_init": rm}
         states = {"parent": h, "child": _finals(cm, ids, bs), "random_init": _finals(rm, ids, bs)}
         with torch.no_grad():

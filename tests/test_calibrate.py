@@ -67,7 +67,7 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     cast a few rows at a time, heads one at a time, and every micro-batch is one sequence."""
     import transformers
 
-    import shrinkit.calibrate as C
+    import shrinkit.runtime as C
     from shrinkit.calibrate import calibrate
     from shrinkit.families.spaces import Space
     from shrinkit.checkpoint.reader import open_checkpoint
@@ -84,15 +84,15 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     spec = Calibration(data="random_tokens", samples=6, seq_len=16, batch_size=4)
     calls = []
     if streamed:
-        real = C._linear_forward
-        monkeypatch.setattr(C, "_linear_forward", lambda mod, bufs: (calls.append(mod), real(mod, bufs))[1])
+        real = C.linear_forward
+        monkeypatch.setattr(C, "linear_forward", lambda mod, bufs: (calls.append(mod), real(mod, bufs))[1])
     with open_checkpoint(pl.path) as ck:
         plan = prepare(ck, recipe())
         st = calibrate(ck, plan, spec, seed=0)
         if streamed:
             bm = C.BlockModel(ck, plan.family.name)
             assert bm.micro(4, 16) == 1 and calls
-        from shrinkit.calibrate import calibration_tokens
+        from shrinkit.text import calibration_tokens
         ids = calibration_tokens(ck, spec, plan.parent.vocab_size, seed=0)
     ad = plan.family.block
     model = getattr(transformers, ad.auto).from_pretrained(pl.path, attn_implementation="sdpa", dtype=torch.float32).eval()
@@ -124,7 +124,7 @@ def test_activation_buffer_is_file_backed_and_falls_back(tmp_path, monkeypatch):
     where that file cannot be reserved it is plain memory, and calibration gives the same result."""
     import os
 
-    import shrinkit.calibrate as C
+    import shrinkit.runtime as C
 
     t = C.activation_buffer((3, 5, 7), tmp_path)
     t[:] = 1.5

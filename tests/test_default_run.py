@@ -34,7 +34,8 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(C, "calibrate", refuse)
     monkeypatch.setattr(C.BlockModel, "embed", refuse)
-    monkeypatch.setattr(C, "calibration_tokens", lambda *a, **k: refuse())
+    import shrinkit.text as T
+    monkeypatch.setattr(T, "calibration_tokens", lambda *a, **k: refuse())
     return calls
 
 

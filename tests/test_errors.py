@@ -375,7 +375,7 @@ def test_checkpoint_shape_disagrees_with_config(tmp_path, copy_parent, good_reci
 def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, monkeypatch, exc, code, needle):
     """An interrupt, out-of-memory, a full disk or a bug half-way through the write: the temp
     folder goes, nothing is published, and an existing --out (replaced only with --force) stays."""
-    import shrinkit.pipeline as pipeline
+    import shrinkit.stages.write as pipeline
 
     calls = [0]
     real = pipeline.slice_blocks
@@ -407,7 +407,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, parents, good_recipe, mo
 def test_failed_phase_is_not_reported_done(tmp_path, copy_parent, good_recipe, monkeypatch):
     """Without --quiet the plain progress lines go to stderr; a phase that failed must not be
     logged as "done", and the error is still the last line."""
-    import shrinkit.stages.rank as rank
+    import shrinkit.ranking.magnitude as rank
     from shrinkit.errors import ParentError
 
     def boom(*a, **k):

@@ -504,24 +504,24 @@ def test_shard_hash_cache(tmp_path, monkeypatch):
     """Hashes of unchanged shards are reused; a changed shard is hashed again."""
     import os
 
-    from shrinkit import pipeline
+    from shrinkit import hashing as pipeline
 
     monkeypatch.delenv("SHRINKIT_NO_HASH_CACHE", raising=False)
     monkeypatch.setenv("SHRINKIT_CACHE", str(tmp_path / "cache"))
     parent = llama_parent(tmp_path / "parent", save_kw={"max_shard_size": "100KB"})
     shards = st_files(parent)
     calls = []
-    real = pipeline._sha256_file
-    monkeypatch.setattr(pipeline, "_sha256_file", lambda p: calls.append(p.name) or real(p))
+    real = pipeline.sha256_file
+    monkeypatch.setattr(pipeline, "sha256_file", lambda p: calls.append(p.name) or real(p))
     out = {}
-    pipeline._sha256_all(shards, out)
+    pipeline.sha256_all(shards, out)
     assert sorted(calls) == sorted(s.name for s in shards)
     assert out == {s.name: sha256(s) for s in shards}
     calls.clear()
     out2 = {}
-    pipeline._sha256_all(shards, out2)
+    pipeline.sha256_all(shards, out2)
     assert calls == [] and out2 == out
     st = os.stat(shards[0])
     os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    pipeline._sha256_all(shards, {})
+    pipeline.sha256_all(shards, {})
     assert calls == [shards[0].name]

@@ -319,7 +319,7 @@ def test_second_run_on_the_same_output_is_refused(tmp_path, parents, good):
 
 DRIVER = """
 import os, sys, time
-import shrinkit.pipeline as p
+import shrinkit.stages.write as p
 real = p.slice_blocks
 first = [True]
 def slow(*a, **k):

@@ -261,7 +261,7 @@ def test_recipe_too_large_or_a_folder(tmp_path, parents, write_recipe):
     (['{"text": ' + deep(500) + "}"], ":1:"),
 ])
 def test_bad_calibration_rows(tmp_path, rows, needle):
-    from shrinkit.calibrate import _text
+    from shrinkit.text import _text
     from shrinkit.errors import RecipeError
 
     f = tmp_path / "c.jsonl"
@@ -272,7 +272,7 @@ def test_bad_calibration_rows(tmp_path, rows, needle):
 
 
 def test_calibration_rows_good(tmp_path):
-    from shrinkit.calibrate import _text
+    from shrinkit.text import _text
 
     f = tmp_path / "c.jsonl"
     f.write_text('{"text": "one", "id": 1}\n\n{"text": "two"}\n')
@@ -327,11 +327,11 @@ def test_malformed_hash_cache_is_ignored(tmp_path, parents, good, monkeypatch, c
 
 
 def test_hash_thread_failure_is_reported(tmp_path, parents, good, monkeypatch):
-    import shrinkit.pipeline as pipeline
+    import shrinkit.hashing as pipeline
 
     def boom(p):
         raise OSError(5, "Input/output error", str(p))
-    monkeypatch.setattr(pipeline, "_sha256_file", boom)
+    monkeypatch.setattr(pipeline, "sha256_file", boom)
     out = tmp_path / "out"
     assert_failed(cli("subclone", parents["single"], "-r", good, "-o", out, "-q"), 1, out, "input/output error")
 

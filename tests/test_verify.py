@@ -79,13 +79,13 @@ def _whole_random_child(child, fam, seed):
         with torch.no_grad():
             for mod in pieces:
                 rm.load(mod)
-                prefix = rm._full(mod)
+                prefix = rm.name_of(mod)
                 for n, p in mod.named_parameters():
                     if p.device.type != "meta":
                         params[f"{prefix}.{n}"].copy_(p)
                 rm.free(mod)
             for table in {id(t): t for t in (rm._emb, rm._out) if t is not None}.values():
-                name = f"{rm._full(table)}.weight"
+                name = f"{rm.name_of(table)}.weight"
                 if name in params:  # a tied head is the embedding's parameter (listed once)
                     params[name].copy_(torch.cat([c for _, _, c in rm.table_chunks(table)]))
     return whole
@@ -138,7 +138,7 @@ def test_streamed_verification_matches_whole_model(tmp_path, monkeypatch, kind, 
     cast/activation/logits budgets, so linear weights are cast a few rows at a time, the random
     child's vocabulary tables are drawn in many chunks, every micro-batch is one sequence, and the
     logits come a few positions by a few vocabulary rows at a time."""
-    import shrinkit.calibrate as C
+    import shrinkit.runtime as C
     from shrinkit.families import family_for
     from shrinkit.verify import heldout_tokens
 
@@ -213,7 +213,7 @@ def test_streamed_verification_matches_whole_model_per_family(tmp_path, monkeypa
     """Every family with a block runner: streamed verification (small cast and activation budgets,
     so weights are cast a few rows at a time and the random child's tables drawn in chunks) gives
     whole-model transformers verification's numbers on the same inputs, for a cut child."""
-    import shrinkit.calibrate as C
+    import shrinkit.runtime as C
     from shrinkit.checkpoint.reader import open_checkpoint
     from shrinkit.families import family_for
     from shrinkit.verify import heldout_tokens

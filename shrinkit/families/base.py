@@ -257,7 +257,7 @@ class Family:
 
     def has_data_source(self, root, tokenizer=None) -> bool:
         """Whether built-in calibration data can be read for this parent (a tokenizer for text)."""
-        from ..calibrate import has_tokenizer
+        from ..text import has_tokenizer
         return bool(tokenizer) or has_tokenizer(root)
 
     def check_data(self, data: str) -> None:
@@ -272,7 +272,7 @@ class Family:
 
     def calibration_inputs(self, ckpt, spec, dims: Dims, *, seed: int, split: str = "calib", tokenizer=None):
         """The model inputs for calibration (split "calib") or verification ("heldout")."""
-        from ..calibrate import calibration_tokens
+        from ..text import calibration_tokens
         return calibration_tokens(ckpt, spec, dims.vocab_size, seed=seed, split=split, tokenizer=tokenizer)
 
     def input_len(self, cfg: dict, inputs) -> int:
@@ -294,7 +294,7 @@ class Family:
         return None
 
     # Calibration and verification run the parent's blocks in transformers' modules (see
-    # shrinkit.calibrate.BlockModel, passed as bm: bm.model, bm.base, bm.device). These three
+    # shrinkit.runtime.BlockModel, passed as bm: bm.model, bm.base, bm.device). These three
     # methods are what differs between families in that forward pass.
     embed_as_stored = True   # the embedding modules are plain lookups (no float32 copy needed)
 

@@ -31,15 +31,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 
 from ..checkpoint.reader import Checkpoint
 from ..errors import RecipeError
 from ..families.spaces import Space
 from ..malloc import trim
 from ..plan import Plan
+from ..specs import Calibration, Strict
+from .base import Context, Read, Stage
 from .slice import slice_blocks
+
+
+class Heal(Strict):
+    """Least-squares refit of every kept block's attention and MLP output projections."""
+    alpha: float = Field(1e-2, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
+    weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
+    when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 FIT_BLOCK_BYTES = 4 << 20  # float32 bytes of the token, column or row blocks a fit is solved in
 
@@ -216,29 +228,6 @@ class Fit:
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
 
-def _load_lazily(bm, modules) -> dict:
-    """Load each of these modules (a block's, BlockModel.load) just before it first runs, so that
-    what a stopped forward pass never reaches is not loaded; returns the pending hooks (to remove)."""
-    from ..calibrate import _linear_forward, _streamed
-
-    pending: dict = {}
-
-    def hook(m, args):
-        for sub in m.modules():  # m and whatever it holds are loaded now
-            h = pending.pop(sub, None)
-            if h is not None:
-                h.remove()
-        bm.load(m)
-
-    for sub in modules:
-        if next(sub.parameters(recurse=False), None) is None:
-            continue
-        if _streamed(sub):  # Module.__call__ looks up forward before its pre-hooks run
-            sub.forward = _linear_forward(sub, bm._bufs)
-        pending[sub] = sub.register_forward_pre_hook(hook)
-    return pending
-
-
 class _Stop(Exception):
     """Raised by a forward hook to end a block's forward pass once what is needed is captured."""
 
@@ -246,7 +235,7 @@ class _Stop(Exception):
 def _rows_buffer(shape: tuple[int, int], device, scratch) -> torch.Tensor:
     """Token rows of a dual-form fit: a scratch-file mapping on the CPU, plain memory elsewhere."""
     if torch.device(device).type == "cpu":
-        from ..calibrate import activation_buffer
+        from ..runtime import activation_buffer
         return activation_buffer(shape, scratch)
     return torch.empty(shape, dtype=torch.float32, device=device)
 
@@ -290,7 +279,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     in plan.replaced (name -> scratch safetensors file) and return the per-layer report."""
     from safetensors.torch import save_file
 
-    from ..calibrate import BlockModel, calibration_tokens
+    from ..runtime import BlockModel
+    from ..text import calibration_tokens
 
     spec = stage.calibration
     ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
@@ -301,7 +291,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     pm = BlockModel(ckpt, fam, device, scratch)
     view = ChildView(ckpt, plan)
     cm = BlockModel(view, fam, device, scratch)
-    cm._bufs = pm._bufs  # one set of float32 cast buffers for both models (they run one at a time)
+    cm.share_buffers(pm)  # one set of float32 cast buffers for both models (they run one at a time)
     ad = pm.ad
     weighted = stage.weight == "rms"
     hidden = plan.kept.get((Space.HIDDEN, None))
@@ -313,7 +303,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         kept = lambda t, ix=hidden.to(pm.device): t.index_select(-1, ix)  # noqa: E731
     if progress is not None:
         progress.phase(f"heal ({spec.samples}x{spec.seq_len} tokens)",
-                       sum(pm._layer_bytes(i) for i in range(len(pm.layers))))
+                       pm.total_bytes())
     hp = pm.embed(ids, spec.batch_size)
     hc = cm.embed(ids, spec.batch_size)
     post = ad.residual_norm  # post-norm families: the residual is this norm's input
@@ -347,7 +337,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                 h.remove()
             pm.free(layer)
         if progress is not None:
-            progress.advance(pm._layer_bytes(i))
+            progress.advance(pm.layer_bytes(i))
 
     def child_pass(layer, fit_down: Fit | None = None, update=False):
         cap: dict = {}
@@ -382,13 +372,13 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             run_parent(nxt)
             nxt += 1
         clayer = cm.layers[k]
-        lazy = _load_lazily(cm, clayer.modules())  # the MLP's weights only when step 3 first runs it
+        lazy = cm.load_lazily(clayer.modules())  # the MLP's weights only when step 3 first runs it
         o = clayer.get_submodule(ad.out_proj)
-        prefix = cm._full(clayer)
+        prefix = cm.name_of(clayer)
 
         def child_dtypes(mod_path: str) -> tuple:  # (weight, bias) dtypes the child stores
-            return tuple(view.cts[cm._index[f"{prefix}.{mod_path}.{n}"]].dtype
-                         if f"{prefix}.{mod_path}.{n}" in cm._index else None for n in ("weight", "bias"))
+            keys = (cm.key_of(f"{prefix}.{mod_path}.{n}") for n in ("weight", "bias"))
+            return tuple(view.cts[k].dtype if k is not None else None for k in keys)
         d = clayer.get_submodule(ad.down_proj)
         fo = _fit_for(o, ad.in_first, dev, n_tok, scratch)  # the MLP's fit is made when its turn comes (one Gram matrix at a time)
 
@@ -439,8 +429,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
             if h is not None:
                 h.remove()
             cm.free(m)
-        lazy.update(_load_lazily(cm, rest))
-        pm._bufs.clear()
+        lazy.update(cm.load_lazily(rest))
+        pm.clear_buffers()
         trim()
         D, *e_d = fd.solve(stage.alpha)
         del fd
@@ -455,7 +445,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                 t = getattr(mod, pname, None)
                 if t is None:
                     continue
-                key = cm._index[f"{prefix}.{mod_path}.{pname}"]
+                key = cm.key_of(f"{prefix}.{mod_path}.{pname}")
                 # in the child's dtype: the writer casts to it anyway (the same bytes), half the scratch
                 tensors[key] = t.detach().to(device="cpu", dtype=view.cts[key].dtype).contiguous()
         path = folder / f".shrinkit-heal-{k}.safetensors"
@@ -488,3 +478,54 @@ def _unnorm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Te
     ok = g.abs() > 1e-6
     u = (y - b) / torch.where(ok, g, torch.ones_like(g))
     return torch.where(ok, mu + sd * u, z)
+
+
+class HealStage(Stage):
+    name = "heal"
+    config = Heal
+    default = {"when": "auto"}
+    before = {"writes": "{self} must come before {other}"}
+    _after = "{self} refits the chosen child, so {other} must come before {self}"
+    after = {"ranks": _after, "drops_layers": _after, "rotates_hidden": _after}
+    excludes = {"rotates_hidden": "{other} and {self} cannot be combined yet: a rotated and healed child diverged in "
+                                  "training trials and the cause is not understood; keep one of the two stages"}
+
+    def skip_reason(self, cfg: Heal, ctx: Context) -> str | None:
+        """`when: auto` (the default pipeline's) heals only a child that drops layers, of a pre-norm
+        family heal can refit, when there is calibration text for it (a tokenizer, or random
+        tokens); see README, "Heal". The one rule: the run, preflight and the report all ask here."""
+        if cfg.when != "auto":
+            return None
+        from ..families import family_for
+        fam = family_for(ctx.ckpt.config)
+        b = fam.block
+        if b is None or not (b.out_proj and b.down_proj):
+            return f"heal has no block description for the {fam.name} family yet (when: auto)"
+        if b.residual_norm:  # measured worse than no refit on MiniLM (BENCHMARKS.md): opt-in only
+            return "post-norm family: heal is opt-in here (`when: always`) (when: auto)"
+        plan = ctx.plan
+        if plan is not None and plan.child.num_hidden_layers == plan.parent.num_hidden_layers:
+            return "no layer is dropped (when: auto)"
+        if not has_text(ctx, ctx.recipe.calibration_for(self.name)):
+            return "no tokenizer for the calibration text (when: auto)"
+        return None
+
+    def reads(self, cfg, ctx):
+        if self.skip_reason(cfg, ctx) is not None:
+            return []
+        return [Read(self.name, self.name, "calibration text", ctx.recipe.calibration_for(self.name))]
+
+    def run(self, cfg, ctx):
+        ctx.selected()
+        cfg = cfg.model_copy(update={"calibration": ctx.spec(self.name)})
+        return heal(ctx.ckpt, ctx.plan, cfg, seed=ctx.seed, device=ctx.device, tokenizer=ctx.tokenizer,
+                    scratch=ctx.scratch, progress=ctx.progress)
+
+
+def has_text(ctx: Context, spec: Calibration) -> bool:
+    """Whether calibration text can be formed: random tokens, or a tokenizer for the text."""
+    from ..text import has_tokenizer
+    return spec.data == "random_tokens" or bool(ctx.tokenizer) or has_tokenizer(ctx.ckpt.root)
+
+
+STAGE = HealStage()

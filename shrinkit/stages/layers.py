@@ -1,9 +1,35 @@
-"""drop_layers: which parent layers the child keeps (in order), by rule or by list."""
+"""drop_layers: which parent layers the child keeps (in order), by rule, by list, or by their
+influence on calibration data (importance)."""
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
+from pydantic import Field, StrictInt, model_validator
+
 from ..errors import RecipeError
-from ..recipe import DropLayers
+from ..specs import Calibration, Strict
+from .base import Context, Read, Stage, data_what
+
+
+class DropLayers(Strict):
+    strategy: Optional[Literal["middle", "first", "last", "importance"]] = None
+    drop: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
+    keep: Optional[list[StrictInt]] = Field(None, max_length=1 << 16)
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        given = [k for k in ("strategy", "drop", "keep") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of strategy, drop or keep, not {' and '.join(given)}")
+        for k in ("drop", "keep"):
+            v = getattr(self, k)
+            if v is not None and len(set(v)) != len(v):
+                raise ValueError(f"{k} lists a layer twice")
+        if not given:
+            self.strategy = "middle"
+        return self
 
 
 def count_from_lists(stage: DropLayers | None, n_parent: int) -> int | None:
@@ -44,3 +70,44 @@ def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[
     if not kept:
         raise RecipeError("drop_layers would keep no layer at all")
     return kept
+
+
+class DropStage(Stage):
+    name = "drop_layers"
+    config = DropLayers
+    default = {}
+    provides = ("drops_layers",)
+    before = {"writes": "{self} must come before {other}"}
+    shares_heldout = True
+
+    def child_layers(self, cfg, n_parent):
+        return count_from_lists(cfg, n_parent)
+
+    def chooses_later(self, cfg) -> bool:
+        """The layers are chosen at run time from calibration (importance), not from the recipe."""
+        return cfg.strategy == "importance"
+
+    def prepare(self, cfg, ctx):
+        plan = ctx.plan
+        if not self.chooses_later(cfg):
+            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers)
+
+    def reads(self, cfg, ctx):
+        if not self.chooses_later(cfg):
+            return []
+        return [Read(self.name, f"{self.name} (importance)", data_what(ctx), ctx.recipe.calibration_for(self.name))]
+
+    def run(self, cfg, ctx):
+        info: dict = {"strategy": cfg.strategy or ("keep" if cfg.keep is not None else "drop")}
+        if self.chooses_later(cfg):
+            from ..calibrate import layer_influence
+            info["calibration"] = ctx.spec(self.name).model_dump()
+            influence = layer_influence(ctx.calibration(self.name))
+            info["influence"] = [round(x, 6) for x in influence]
+            plan = ctx.plan
+            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers, influence)
+        ctx.layers_chosen = True
+        return info
+
+
+STAGE = DropStage()

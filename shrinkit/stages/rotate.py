@@ -20,12 +20,22 @@ not commute with unless the mean is folded into the writers first (not done here
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import torch
 
 from ..checkpoint.reader import Checkpoint
 from ..errors import RecipeError
 from ..families.spaces import Space
 from ..plan import Plan, match_rule, tensor_key
+from ..specs import Calibration, Strict
+from .base import Read, Stage, data_what
+
+
+class RotateHidden(Strict):
+    """Keep the top principal directions of the residual stream instead of a subset of its dims."""
+    method: Literal["pca"] = "pca"
+    calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 
 def check_rotatable(plan: Plan) -> None:
@@ -33,8 +43,9 @@ def check_rotatable(plan: Plan) -> None:
     if fam.norm != "rms" or not fam.norm_readers or fam.block is None:
         why = ("uses LayerNorm, whose mean-centering does not commute with a rotation" if fam.norm == "layer"
                else "has no norm-reader description for folding its norm scales")
-        raise RecipeError(f"rotate_hidden needs an RMSNorm family whose norm scales can be folded; {fam.name} {why}; "
-                          "remove rotate_hidden and let rank_neurons pick the hidden dims")
+        from .rank import STAGE as RANK
+        raise RecipeError(f"{STAGE.name} needs an RMSNorm family whose norm scales can be folded; {fam.name} {why}; "
+                          f"remove {STAGE.name} and let {RANK.name} pick the hidden dims")
 
 
 def _ends(name: str, suffix: str) -> bool:
@@ -87,7 +98,8 @@ class _Covariance:
 
 def rotate_hidden(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "cpu", tokenizer=None,
                   scratch=None, progress=None) -> dict:
-    from ..calibrate import BlockModel, calibration_tokens
+    from ..runtime import BlockModel
+    from ..text import calibration_tokens
 
     check_rotatable(plan)
     spec = stage.calibration
@@ -95,13 +107,13 @@ def rotate_hidden(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device:
     bm = BlockModel(ckpt, plan.family, device, scratch)
     if progress is not None:
         progress.phase(f"rotate_hidden ({spec.samples}x{spec.seq_len} tokens)",
-                       sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
+                       bm.total_bytes())
     h = bm.embed(ids, spec.batch_size)
     D, d = plan.parent.hidden_size, plan.child.hidden_size
     obs = _Covariance(D, len(bm.layers), bm.device)
     bm.run_layers(h, spec.batch_size, obs, progress)
     del h
-    bm._bufs.clear()  # the forward passes' cast buffers: not needed beside the eigendecomposition
+    bm.clear_buffers()  # the forward passes' cast buffers: not needed beside the eigendecomposition
     cov = obs.cov.cpu()
     obs.cov = None
     evals, vecs = torch.linalg.eigh(cov)  # ascending
@@ -118,3 +130,29 @@ def rotate_hidden(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device:
     if plan.untie:
         out["untied_head_params"] = plan.parent.vocab_size * d
     return out
+
+
+class RotateStage(Stage):
+    name = "rotate_hidden"
+    config = RotateHidden
+    provides = ("rotates_hidden",)
+    before = {"writes": "{self} must come before {other}"}
+    after = {"ranks": "{self} replaces {other}'s choice of hidden dims, so {other} must come first"}
+
+    def prepare(self, cfg, ctx):
+        plan = ctx.plan
+        check_rotatable(plan)
+        plan.rotate = True
+        plan.untie = plan.family.tied(ctx.ckpt.config)
+
+    def reads(self, cfg, ctx):
+        return [Read(self.name, self.name, data_what(ctx), ctx.recipe.calibration_for(self.name))]
+
+    def run(self, cfg, ctx):
+        ctx.selected()
+        cfg = cfg.model_copy(update={"calibration": ctx.spec(self.name)})
+        return rotate_hidden(ctx.ckpt, ctx.plan, cfg, seed=ctx.seed, device=ctx.device, tokenizer=ctx.tokenizer,
+                             scratch=ctx.scratch, progress=ctx.progress)
+
+
+STAGE = RotateStage()
