@@ -151,7 +151,29 @@ def test_function_size_check_finds_a_long_function(tmp_path):
     assert _long_functions(f, 80) == ["m.py:f 91 lines"]
 
 
-# ---------------------------------------------------------------------------- ranking methods
+# ---------------------------------------------------------------------------- a new stage is one module
+
+def test_a_new_stage_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+    """tests/stage_noop.py is a whole stage; registering it (one line) is all it takes for the
+    recipe, its schema and the run to know it."""
+    import stage_noop
+    from shrinkit import api
+    from shrinkit.stages import STAGES
+
+    monkeypatch.setitem(STAGES, stage_noop.STAGE.name, stage_noop.STAGE)
+    schema = api.schema()
+    assert "noop" in json.dumps(schema)
+    pl = planted.llama_like(tmp_path / "p")
+    rec = {**GOOD, "stages": [{"noop": {"note": "hello"}}, *GOOD["stages"]]}
+    res = api.subclone(pl.path, rec, tmp_path / "c", verify=False)
+    entry = res.report["stages"][0]
+    assert entry["stage"] == "noop" and entry["note"] == "hello" and entry["layers"] == 4
+    # the stage's own order rule: it must run before the writing stage
+    bad = {**GOOD, "stages": [*GOOD["stages"], {"noop": {}}]}
+    from shrinkit.errors import RecipeError
+    with pytest.raises(RecipeError, match="noop must come before slice_embeddings"):
+        api.load_recipe(bad)
+
 
 def test_ranking_methods_are_registered_objects():
     from shrinkit.ranking import METHODS, Method
