@@ -86,14 +86,17 @@ def current_report(out: PathLike, parent: PathLike, recipe: RecipeLike, *, confi
 def subclone(parent: PathLike, recipe: RecipeLike, out: PathLike | None = None, *, force: bool = False,
              config: PathLike | None = None, revision: str | None = None, device: str = "cpu",
              tokenizer: PathLike | None = None, verify: bool = True, skip_if_current: bool = False,
-             progress: "Progress | None" = None, quiet: bool = True) -> "Result":
+             progress: "Progress | None" = None, quiet: bool = True,
+             device_memory: "int | str | None" = None) -> "Result":
     """Cut a child out of PARENT (a local folder, a .safetensors file or a Hub id ``org/name``) by
     RECIPE and write it to OUT (default ``./<parent name>-<recipe name>``).
 
     Returns a Result: ``.out`` (the child folder), ``.report`` (the dict written to
     shrinkit_report.json), ``.plan`` and ``.skipped`` (True when ``skip_if_current`` found OUT
     already holding this child; nothing was written then; a stale child in OUT still needs
-    ``force`` to be replaced). ``verify`` measures the child on
+    ``force`` to be replaced). ``device_memory`` (bytes, or a size like ``"40GB"``) is the block
+    runtime's memory budget on ``device`` (default: a share of a GPU's free memory, the flat CPU
+    budget on the CPU); it changes speed and memory, not results. ``verify`` measures the child on
     held-out text (the command line's default too). ``quiet`` hides the Hub's download bars.
     """
     _runtime()
@@ -110,7 +113,7 @@ def subclone(parent: PathLike, recipe: RecipeLike, out: PathLike | None = None, 
             return Result(out, rep, None, skipped=True)
     return run(src.path, r, out, force=force, config=config,
                progress=progress, device=device, tokenizer=tokenizer, verify=verify,
-               source=src.as_dict() if src.repo_id else None)
+               source=src.as_dict() if src.repo_id else None, device_memory=device_memory)
 
 
 def plan(parent: PathLike, recipe: RecipeLike, *, config: PathLike | None = None,
@@ -141,7 +144,7 @@ def inspect(parent: PathLike, *, config: PathLike | None = None, revision: str |
 def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples: int = 16,
            seq_len: int | None = None, batch_size: int = 4, config: PathLike | None = None,
            revision: str | None = None, device: str = "cpu", tokenizer: PathLike | None = None,
-           gate: dict | None = None) -> dict:
+           gate: dict | None = None, device_memory: "int | str | None" = None) -> dict:
     """Measure how much of PARENT survived in CHILD on held-out text, against a random-init
     child of the same shape. Returns the verification summary (also its ``table`` lines).
     ``seq_len`` defaults to 256, or the parent's maximum positions when fewer (a longer explicit
@@ -151,7 +154,8 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     from .checkpoint.reader import open_checkpoint
     from .errors import UsageError
     from .families import family_for
-    from .preflight import resolve_device
+    from .preflight import resolve_budget, resolve_device
+    from .runtime import budget_scope
     from pydantic import ValidationError
 
     from .pair import check_pair
@@ -165,6 +169,7 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     except ValidationError as e:
         raise UsageError(f"verify: {field_error(e)}") from None
     dev = resolve_device(device)
+    budget = resolve_budget(dev, device_memory)
     src = _resolve(parent, revision, True, None)
     with open_checkpoint(src.path, config) as ck:
         check_pair(ck, child)   # same family, vocabulary and tokenizer; child within the parent; safetensors only
@@ -173,7 +178,8 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
             raise UsageError(f"--seq-len {seq_len} is longer than the parent's {mp} positions; use {mp} or less")
         n = seq_len or (min(256, mp) if mp else 256)
         spec = Calibration(data=data, samples=samples, seq_len=n, batch_size=batch_size)
-        return verify_child(ck, Path(child), spec, device=dev, tokenizer=tokenizer, gate=gate)
+        with budget_scope(budget):
+            return verify_child(ck, Path(child), spec, device=dev, tokenizer=tokenizer, gate=gate)
 
 
 def schema() -> dict:

@@ -12,10 +12,9 @@ import torch
 from .checkpoint.reader import Checkpoint
 from .families.spaces import HEAD, Space
 from .plan import Plan
-from .runtime import BlockModel, activation_buffer
+from .runtime import BlockModel
 from .specs import Calibration
 from .scores import Scores, add_score
-from . import runtime as R
 
 # ------------------------------------------------------------------ statistics
 @dataclass
@@ -79,7 +78,7 @@ class Observer:
             if not self.active:
                 return
             a = args[0].detach()
-            self.record(space, key, a.abs().reshape(-1, a.shape[-1]).sum(0).double().cpu())
+            self.record(space, key, a.abs().reshape(-1, a.shape[-1]).sum(0).double())
         return hook
 
     def _on_heads(self, space: Space, key):
@@ -94,21 +93,21 @@ class Observer:
             w = mod.weight                                                  # as stored
             H = w.shape[1] if in_first else w.shape[0]
             contrib = torch.zeros(nh, dtype=torch.float64, device=z.device)
-            group = max(1, min(nh, R.CAST_BYTES // (4 * self.hd * H)))       # heads cast to float32 at once
+            group = max(1, min(nh, self.bm.budget.cast_bytes // (4 * self.hd * H)))       # heads cast to float32 at once
             for h0 in range(0, nh, group):
                 h1 = min(nh, h0 + group)
                 rows = w[h0 * self.hd:h1 * self.hd] if in_first else w[:, h0 * self.hd:h1 * self.hd].T
                 wh = rows.to(z.dtype).reshape(h1 - h0, self.hd, H)          # [g, hd, H]
-                step = max(1, R.ACT_BYTES // (4 * (h1 - h0) * H))
+                step = max(1, self.bm.budget.act_bytes // (4 * (h1 - h0) * H))
                 for t0 in range(0, z.shape[1], step):
                     contrib[h0:h1] += torch.bmm(z[h0:h1, t0:t0 + step], wh).norm(dim=-1).sum(1).double()
-            self.record(space, key, contrib.cpu())
+            self.record(space, key, contrib)
         return hook
 
     def residual(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.record(Space.HIDDEN, None, x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu())
+        self.record(Space.HIDDEN, None, x.abs().reshape(-1, x.shape[-1]).sum(0).double())
         if i == self.n_layers - 1:
-            self.st.scores[(Space.HIDDEN, None)] += y.abs().reshape(-1, y.shape[-1]).sum(0).double().cpu()
+            self.st.scores[(Space.HIDDEN, None)] += y.abs().reshape(-1, y.shape[-1]).sum(0).double()
         cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
         self._bi[i] += float((1 - cos.double()).sum())
         self._n[i] += cos.numel()
@@ -116,7 +115,7 @@ class Observer:
     def finish(self) -> CalibStats:
         n = max(self._n[0], 1)
         self.st.tokens = n
-        self.st.scores = {k: v / n for k, v in self.st.scores.items()}
+        self.st.scores = {k: (v / n).cpu() for k, v in self.st.scores.items()}   # sums stayed on the device
         self.st.influence = [b / max(c, 1) for b, c in zip(self._bi, self._n)]
         return self.st
 
@@ -144,7 +143,7 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
     bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
     st = obs.finish()
     if extra_ids is not None:
-        st.extra_final = activation_buffer(tuple(h[n:].shape), scratch)
+        st.extra_final = bm.stream(tuple(h[n:].shape))
         st.extra_final.copy_(h[n:])
     return st
 

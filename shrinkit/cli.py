@@ -181,6 +181,8 @@ RevisionOpt = typer.Option(None, "--revision", help="Hub parents: branch, tag or
 ConfigOpt = typer.Option(None, "--config", help="config.json of a single-file parent.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 DeviceOpt = typer.Option("cpu", "--device", help="Where calibration and verification run: cpu, cuda or auto.")
+DeviceMemoryOpt = typer.Option(None, "--device-memory", help="Memory the block runtime may use on --device "
+                               "(e.g. 40GB; default: 80% of a GPU's free memory, a flat 16 MB-block budget on the CPU).")
 TokenizerOpt = typer.Option(None, "--tokenizer", help="Tokenizer folder for calibration text (default: the parent's).")
 
 
@@ -193,6 +195,7 @@ def subclone(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only the result."),
     config: Optional[Path] = ConfigOpt,
     device: str = DeviceOpt,
+    device_memory: Optional[str] = DeviceMemoryOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the child on held-out text."),
     revision: Optional[str] = RevisionOpt,
@@ -214,7 +217,7 @@ def subclone(
             prog = _progress(quiet)
             res = api.subclone(parent, recipe, out, force=force, config=config, progress=prog, device=device,
                                tokenizer=tokenizer, verify=not no_verify, revision=revision,
-                               skip_if_current=skip_if_current, quiet=quiet)
+                               skip_if_current=skip_if_current, quiet=quiet, device_memory=device_memory)
             prog.finish()
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
@@ -283,6 +286,7 @@ def verify(
                                                    help="Gate (encoders): exit 4 when the similarity r is below this."),
     config: Optional[Path] = ConfigOpt,
     device: str = DeviceOpt,
+    device_memory: Optional[str] = DeviceMemoryOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -297,7 +301,8 @@ def verify(
         gate = {k: x for k, x in (("max_kl", max_kl), ("max_perplexity_ratio", max_ppl_ratio),
                                   ("min_similarity", min_similarity)) if x is not None}
         v = api.verify(parent, child, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size,
-                       config=config, device=device, tokenizer=tokenizer, revision=revision, gate=gate)
+                       config=config, device=device, tokenizer=tokenizer, revision=revision, gate=gate,
+                       device_memory=device_memory)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
     if json_out:

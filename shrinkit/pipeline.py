@@ -28,6 +28,7 @@ from .preflight import preflight, resolve_device  # noqa: F401 - resolve_device:
 from .progress import Progress
 from .ranking import default_method, ensure_selected, spaces_to_rank  # noqa: F401 - default_method: API
 from .recipe import Recipe
+from .runtime import budget_scope
 from .report import build_report, model_card, parent_dtype, report_markdown
 from .stages import STAGES, Context, stage_providing
 
@@ -154,7 +155,7 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
 def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike | None = None, *,
              force: bool = False, config: str | os.PathLike | None = None,
              progress: Progress | None = None, device: str = "cpu", tokenizer: str | os.PathLike | None = None,
-             verify: bool = False, source: dict | None = None) -> Result:
+             verify: bool = False, source: dict | None = None, device_memory: int | str | None = None) -> Result:
     progress = progress or Progress()
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
@@ -164,10 +165,11 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
         out = resolve_out(out if out is not None else default_out(parent, recipe))
         check_inputs(out, *run_inputs(ckpt, recipe, tokenizer, verify))
         check_out(out, force)
-        checks = preflight(ckpt, plan, recipe, out, device=device, tokenizer=tokenizer, verify=verify)
+        checks = preflight(ckpt, plan, recipe, out, device=device, tokenizer=tokenizer, verify=verify,
+                           device_memory=device_memory)
         ctx = Context(ckpt, recipe, tokenizer, plan=plan, device=checks.device, progress=progress, checks=checks)
         opts = {"verify": verify, "source": source, "parent_arg": str(parent), "out": str(out)}
-        with Claim(out, force, progress.log) as claim:
+        with Claim(out, force, progress.log) as claim, budget_scope(checks.budget):
             ctx.scratch = claim.tmp
             report = _run(ctx, t_start, opts)
             claim.publish()
@@ -211,6 +213,7 @@ def _run(ctx: Context, t_start: float, opts: dict) -> dict:
                           time.perf_counter() - t_start, opts.get("source"))
     if ctx.checks.notes:
         report["notes"] = list(ctx.checks.notes)
+    report["runtime"] = {"device": ctx.device, "device_memory": ctx.checks.budget.memory}
     if verified is not None:
         report["verify"] = verified
     tmp = ctx.scratch

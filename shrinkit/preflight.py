@@ -54,6 +54,7 @@ class Checks:
     max_positions: int | None = None
     notes: list[str] = field(default_factory=list)
     need_bytes: int = 0
+    budget: object = None             # shrinkit.runtime.Budget of the device
 
 
 def _key(spec: Calibration) -> str:
@@ -107,6 +108,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_budget(device: str, memory: int | str | None = None):
+    """The block runtime's memory budget on `device` (shrinkit.runtime.Budget): --device-memory
+    when given (a size like 40GB), else the device's default."""
+    from .runtime import Budget
+    from .specs import parse_size
+
+    if memory is not None:
+        try:
+            memory = parse_size(memory)
+        except ValueError as e:
+            raise UsageError(f"--device-memory: {e}") from None
+        if memory < (64 << 20):
+            raise UsageError(f"--device-memory {memory} bytes is below the 64 MB the runtime needs; give more")
+    return Budget.for_device(device, memory)
+
+
 class _Reading:
     """Re-raises a data error of one reader with what reads it: `drop_layers (importance) reads
     calibration text (builtin): ...`, and where another stage has its own calibration block that
@@ -134,12 +151,13 @@ class _Reading:
 
 
 def preflight(ckpt: Checkpoint, plan: Plan, recipe, out: Path, *, device: str = "cpu",
-              tokenizer=None, verify: bool = True) -> Checks:
+              tokenizer=None, verify: bool = True, device_memory: int | None = None) -> Checks:
     """Every check before the first forward pass or written byte, in four phases: each reading
     stage's calibration spec, the verification's mode and held-out spec, the output folder and
     its free space, then the data itself (files, tokenizer, enough text: the windows are made here,
     once)."""
     ck = Checks(device=resolve_device(device))
+    ck.budget = resolve_budget(ck.device, device_memory)
     fam = plan.family
     ck.max_positions = fam.max_positions(ckpt.config)
     pos_key = fam.keys.get("max_position_embeddings") or "max_position_embeddings"

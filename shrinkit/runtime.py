@@ -20,13 +20,24 @@ Public interface (what the stages and verification use):
   map; ``layer_bytes(i)``, ``total_bytes()``: the bytes a block (all blocks) reads;
 - ``micro(batch, seq_len)``: sequences per forward call; ``share_buffers(other)`` /
   ``clear_buffers()``: the weight-cast buffers (one set for models that run one at a time);
-- ``final_norm()``, ``head()``, ``embedding_param()``.
+- ``final_norm()``, ``head()``, ``embedding_param()``;
+- ``stream(shape)``: a residual-stream buffer where the budget puts it (device or host memory
+  when it fits, else a scratch-file mapping).
+
+Budgets (``Budget``): how much memory the runtime may hold on its device decides the micro-batch
+size, whether a block's linear weights are cast to float32 once per block or a block of rows at a
+time inside each forward call, and where residual streams live. On the CPU the default is the
+flat budget the runtime was sized for on a 2-core machine (16 MB casts and activations, streams in
+scratch files); on CUDA it is a share of the device's free memory. ``--device-memory`` (API:
+``device_memory``) sets it; results do not depend on it (tests/test_runtime.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +56,7 @@ def streamed(mod: torch.nn.Module) -> bool:
     return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
-def linear_forward(mod: torch.nn.Module, bufs: dict):
+def linear_forward(mod: torch.nn.Module, bufs: dict, cast_bytes: int | None = None):
     """forward() of a linear layer whose weight is kept as stored: float32 rows are cast into one
     reused buffer (no fresh allocation per chunk), multiplied, and copied into the output."""
     conv1d = not isinstance(mod, torch.nn.Linear)  # GPT-2's Conv1D: weight [in, out], y = x W + b
@@ -62,7 +73,7 @@ def linear_forward(mod: torch.nn.Module, bufs: dict):
             return torch.nn.functional.linear(x, w.T if conv1d else w, b)
         n_in = w.shape[0] if conv1d else w.shape[1]
         n_out = w.shape[1] if conv1d else w.shape[0]
-        rows = max(1, min(n_out, CAST_BYTES // (n_in * x.element_size())))
+        rows = max(1, min(n_out, (CAST_BYTES if cast_bytes is None else cast_bytes) // (n_in * x.element_size())))
         x2 = x.reshape(-1, n_in)
         out = x.new_empty(x2.shape[0], n_out)
         wbuf = buffer("w", rows * n_in, x)
@@ -82,10 +93,72 @@ def linear_forward(mod: torch.nn.Module, bufs: dict):
     return forward
 
 
-def micro_batch(batch: int, seq_len: int, width: int) -> int:
+CUDA_SHARE = 0.8   # the share of a CUDA device's free memory the default budget takes
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory the block runtime may hold on its device (None: the CPU's flat default, which
+    keeps nothing resident) and what follows from it:
+
+    - act_bytes: float32 bytes of one activation tensor of a micro-batch (sizes micro-batches);
+    - cast_bytes: float32 bytes of a linear weight cast from its stored dtype at a time;
+    - cast_block(n): whether a block whose linear weights take n float32 bytes is cast once, as
+      it is loaded (a quarter of the budget), instead of a few rows per forward call;
+    - resident(n): whether a residual stream of n bytes lives in device (or host) memory (a
+      quarter of the budget each: heal holds two, verification three) instead of a scratch file.
+    """
+
+    memory: int | None = None
+
+    @property
+    def act_bytes(self) -> int:
+        return ACT_BYTES if self.memory is None else max(ACT_BYTES, self.memory // 16)
+
+    @property
+    def cast_bytes(self) -> int:
+        return CAST_BYTES if self.memory is None else max(CAST_BYTES, self.memory // 16)
+
+    def cast_block(self, nbytes: int) -> bool:
+        return self.memory is not None and nbytes <= self.memory // 4
+
+    def resident(self, nbytes: int) -> bool:
+        return self.memory is not None and nbytes <= self.memory // 4
+
+    @classmethod
+    def for_device(cls, device: str | torch.device = "cpu", memory: int | None = None) -> "Budget":
+        """The budget of a device: `memory` bytes when given, else on CUDA CUDA_SHARE of its free
+        memory (torch.cuda.mem_get_info), on the CPU the flat default."""
+        dev = torch.device(device)
+        if memory is None and dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            memory = int(free * CUDA_SHARE)
+        return cls(memory)
+
+    def describe(self) -> str:
+        return "flat (16 MB casts and activations, streams in scratch files)" if self.memory is None \
+            else f"{self.memory / 1e9:.2f} GB"
+
+
+_CURRENT: list[Budget | None] = [None]
+
+
+@contextlib.contextmanager
+def budget_scope(budget: Budget | None):
+    """The budget every BlockModel made inside takes unless it is given one."""
+    prev = _CURRENT[0]
+    _CURRENT[0] = budget
+    try:
+        yield budget
+    finally:
+        _CURRENT[0] = prev
+
+
+def micro_batch(batch: int, seq_len: int, width: int, act_bytes: int | None = None) -> int:
     """Sequences per forward call: at most `batch`, fewer when one activation tensor of `width`
-    floats per token would exceed ACT_BYTES. Statistics are sums, so this changes no result."""
-    return max(1, min(batch, ACT_BYTES // max(1, seq_len * width * 4)))
+    floats per token would exceed act_bytes (default ACT_BYTES). Statistics are sums, so this
+    changes no result."""
+    return max(1, min(batch, (ACT_BYTES if act_bytes is None else act_bytes) // max(1, seq_len * width * 4)))
 
 
 def activation_buffer(shape: tuple[int, ...], scratch: str | Path | None = None) -> torch.Tensor:
@@ -127,7 +200,8 @@ class BlockModel:
     as float32. Activations run in float32 micro-batches sized by micro_batch().
     """
 
-    def __init__(self, ckpt: Checkpoint, family: Family | str, device: str = "cpu", scratch: str | Path | None = None):
+    def __init__(self, ckpt: Checkpoint, family: Family | str, device: str = "cpu", scratch: str | Path | None = None,
+                 budget: Budget | None = None):
         import transformers
         from accelerate import init_empty_weights
 
@@ -141,6 +215,7 @@ class BlockModel:
         self.ad = block
         self.device = torch.device(device)
         self.scratch = scratch
+        self.budget = budget or _CURRENT[0] or Budget.for_device(self.device)
         self._bufs: dict = {}  # reused float32 cast buffers of the streamed linear layers
         cfg_dict = dict(ckpt.config)
         cfg = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **{
@@ -157,6 +232,8 @@ class BlockModel:
         self._index = self._key_index()
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.width = self._widest()
+        # a block's linear weights cast once as it loads (else a few rows per forward call)
+        self.cast_whole = self.budget.cast_block(self._block_float_bytes())
 
     def _key_index(self) -> dict[str, str]:
         """Map each model parameter name to its checkpoint key (prefixes may differ). A parameter
@@ -214,11 +291,23 @@ class BlockModel:
         dims = [max(self.ckpt.tensors[k].shape, default=1) for k in self._keys_of(prefix)]
         return max(dims, default=1)
 
+    def _block_float_bytes(self) -> int:
+        """float32 bytes of the largest block's weights."""
+        return max((sum(math.prod(self.ckpt.tensors[k].shape) for k in self._keys_of(self.name_of(layer) + "."))
+                    for layer in self.layers), default=0) * 4
+
+    def stream(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 residual-stream buffer: in device memory when the budget holds it (host memory
+        on the CPU), else a scratch-file mapping (activation_buffer)."""
+        if self.budget.resident(math.prod(shape) * 4):
+            return torch.empty(shape, dtype=torch.float32, device=self.device)
+        return activation_buffer(shape, self.scratch)
+
     def micro(self, batch: int, seq_len: int, width: int = 0) -> int:
         """Sequences per forward call (micro_batch) for activations as wide as the block's widest
         weight, one query's attention scores over the sequence per head, or `width` (logits)."""
         heads = int(getattr(self.config, "num_attention_heads", 1) or 1)
-        return micro_batch(batch, seq_len, max(self.width, heads * seq_len, width))
+        return micro_batch(batch, seq_len, max(self.width, heads * seq_len, width), self.budget.act_bytes)
 
     @property
     def index(self) -> dict[str, str]:
@@ -258,7 +347,7 @@ class BlockModel:
             if next(sub.parameters(recurse=False), None) is None:
                 continue
             if streamed(sub):  # Module.__call__ looks up forward before its pre-hooks run
-                sub.forward = linear_forward(sub, self._bufs)
+                sub.forward = linear_forward(sub, self._bufs, self.budget.cast_bytes)
             pending[sub] = sub.register_forward_pre_hook(hook)
         return pending
 
@@ -297,11 +386,12 @@ class BlockModel:
                 if tuple(value.shape) != tuple(p.shape):
                     raise ParentError(f"{key} has shape {list(value.shape)}, but the config makes {full} "
                                       f"{list(p.shape)}")
-                as_stored = keep_dtype or (stream and pname == "weight") or not value.is_floating_point()
+                as_stored = keep_dtype or (stream and pname == "weight" and not self.cast_whole) \
+                    or not value.is_floating_point()
                 value = value.to(device=self.device, dtype=value.dtype if as_stored else torch.float32)
                 sub._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
             if stream:
-                sub.forward = linear_forward(sub, self._bufs)
+                sub.forward = linear_forward(sub, self._bufs, self.budget.cast_bytes)
 
     def free(self, module: torch.nn.Module) -> None:
         for sub in module.modules():
@@ -327,8 +417,8 @@ class BlockModel:
             for s in range(0, len(ids), step):
                 y = self.family.embed(self, ids[s:s + step].to(self.device)).float()
                 if h is None:
-                    h = activation_buffer((len(ids), *y.shape[1:]), self.scratch)
-                h[s:s + step] = y.cpu()
+                    h = self.stream((len(ids), *y.shape[1:]))
+                h[s:s + step] = y
         for m in mods:
             self.free(m)
         return h
@@ -358,7 +448,7 @@ class BlockModel:
                         y = self.layer_call(layer, x)
                         if watch:
                             observe.residual(i, x, y)
-                        h[s:e] = y.float().cpu()
+                        h[s:e] = y
                 finally:
                     for hk in hooks:
                         hk.remove()

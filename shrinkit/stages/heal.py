@@ -331,7 +331,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                     y = pm.layer_call(layer, x)
                     if on_chunk is not None:
                         on_chunk(s, x, cap["attn"])
-                    hp[s:s + step] = y.float().cpu()
+                    hp[s:s + step] = y
         finally:
             for h in hooks:
                 h.remove()
@@ -360,7 +360,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                         w = _rms_weight(target if post else hp[s:s + step].to(dev), weighted)
                         fit_down.add(cap["d_in"], target - res, w, ref=target)
                     if update:
-                        hc[s:s + step] = y.float().cpu()
+                        hc[s:s + step] = y
         finally:
             for h in hooks:
                 h.remove()
