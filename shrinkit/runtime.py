@@ -437,6 +437,7 @@ class BlockModel:
         ranges += [(a, min(a + step, len(h))) for a in range(n_obs, len(h), step)]
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
+                self.readahead(i + 1)   # the next block's weights load from disk while this one runs
                 self.load(layer)
                 hooks = observe.attach(i, layer) if observe else []
                 try:
@@ -456,6 +457,11 @@ class BlockModel:
                 if progress is not None:
                     progress.advance(self.layer_bytes(i))
         return h
+
+    def readahead(self, i: int) -> None:
+        """Start reading block i's weights into the page cache (no-op past the last block)."""
+        if 0 <= i < len(self.layers) and hasattr(self.ckpt, "readahead"):
+            self.ckpt.readahead(self._keys_of(self.name_of(self.layers[i]) + "."))
 
     def layer_bytes(self, i: int) -> int:
         prefix = self.name_of(self.layers[i]) + "."

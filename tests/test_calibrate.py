@@ -85,7 +85,7 @@ def test_block_forward_matches_whole_model(tmp_path, monkeypatch, kind, streamed
     calls = []
     if streamed:
         real = C.linear_forward
-        monkeypatch.setattr(C, "linear_forward", lambda mod, bufs: (calls.append(mod), real(mod, bufs))[1])
+        monkeypatch.setattr(C, "linear_forward", lambda mod, bufs, *a: (calls.append(mod), real(mod, bufs, *a))[1])
     with open_checkpoint(pl.path) as ck:
         plan = prepare(ck, recipe())
         st = calibrate(ck, plan, spec, seed=0)

@@ -58,3 +58,31 @@ def test_cuda_subclone_planted_exact_and_verified(tmp_path):
     v = res.report["verify"]
     assert v["child"]["kl"] < 1e-5, v
     assert v["random_init"]["kl"] > 1e-2, v
+
+
+@pytest.mark.parametrize("stage", ["heal", "rotate_hidden"])
+@pytest.mark.parametrize("memory", [None, "64MB"])
+def test_cuda_heal_rotate_verify_equal_cpu(tmp_path, stage, memory):
+    """heal or rotate_hidden and the full verification on the GPU, with the default budget (streams
+    resident, blocks cast once) and with one small enough that every stream overflows to the
+    scratch file: the child and the verification numbers equal the CPU's."""
+    from safetensors.torch import load_file
+
+    from shrinkit import api
+
+    pl = planted.llama_like(tmp_path / "p")
+    rec = {"target": {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3},
+           "calibration": {"data": "random_tokens", "samples": 8, "seq_len": 16, "batch_size": 4},
+           "verify": {"data": "random_tokens", "samples": 4, "seq_len": 16},
+           "stages": [{"rank_neurons": {"method": "activation"}}, {"drop_layers": {"drop": [2]}}, {stage: {}},
+                      {"slice_embeddings": {}}]}
+    cpu = api.subclone(pl.path, rec, tmp_path / "cpu")
+    gpu = api.subclone(pl.path, rec, tmp_path / "gpu", device="cuda", device_memory=memory)
+    if memory is not None:
+        from shrinkit.runtime import Budget
+        assert not Budget.for_device("cuda", 64 << 20).resident(8 * 16 * 64 * 4 + 1 << 24)
+    a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
+    for k in a:
+        assert close(b[k], a[k]), k
+    for who in ("parent", "child"):
+        assert gpu.report["verify"][who]["loss"] == pytest.approx(cpu.report["verify"][who]["loss"], rel=1e-4)

@@ -111,3 +111,41 @@ def test_bad_device_memory_is_one_line(tmp_path, parents, write_recipe, value, n
     out = tmp_path / "c"
     assert_failed(cli("subclone", parents["single"], "-r", write_recipe(GOOD), "-o", out, "--device-memory", value),
                   2, out, needle)
+
+
+def test_next_block_is_read_ahead_while_this_one_runs(tmp_path, monkeypatch):
+    """Before block i loads, the runtime has asked the kernel for block i + 1's bytes (posix_fadvise
+    WILLNEED on exactly that block's tensors); nothing is asked past the last block."""
+    import os
+
+    import shrinkit.runtime as R
+    from shrinkit.checkpoint.reader import open_checkpoint
+    from shrinkit.pipeline import prepare
+    from shrinkit.recipe import Calibration
+    from helpers import recipe
+
+    pl = planted.llama_like(tmp_path / "p")
+    events = []
+    real_load = R.BlockModel.load
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: events.append(("ahead", off, n)))
+    with open_checkpoint(pl.path) as ck:
+        plan = prepare(ck, recipe())
+        bm = R.BlockModel(ck, plan.family)
+        spans = {i: sorted((ck.tensors[k].begin, ck.tensors[k].nbytes) for k in bm._keys_of(f"model.layers.{i}."))
+                 for i in range(len(bm.layers))}
+
+        def load(self, module, keep_dtype=False):
+            if module in list(self.layers):
+                events.append(("load", list(self.layers).index(module)))
+            return real_load(self, module, keep_dtype)
+
+        monkeypatch.setattr(R.BlockModel, "load", load)
+        h = bm.embed(torch.randint(0, 96, (2, 8)), 2)
+        bm.run_layers(h, 2)
+    assert [e[1] for e in events if e[0] == "load"] == [0, 1, 2, 3]
+    for i in range(len(spans)):
+        pos = events.index(("load", i))
+        ahead = {(e[1], e[2]) for e in events[:pos] if e[0] == "ahead"}
+        assert set(spans.get(i + 1, [])) <= ahead          # the next block was asked for first
+        beyond = {s for j in range(i + 2, len(spans)) for s in spans[j]}
+        assert not beyond & ahead                          # and nothing further

@@ -164,6 +164,23 @@ class Checkpoint:
         except (OSError, ValueError):
             pass
 
+    def readahead(self, names) -> None:
+        """Ask the kernel to start reading these tensors' bytes into the page cache and return at
+        once (posix_fadvise WILLNEED): the next block's weights arrive while this one computes.
+        A no-op where the call is missing or refused."""
+        if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
+            return
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info.numel == 0:
+                continue
+            self._map(info.shard)   # opens the shard's file
+            f = self._files.get(info.shard)
+            try:
+                os.posix_fadvise(f.fileno(), info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError, ValueError):
+                pass
+
     def close(self) -> None:
         self._maps.clear()  # views may still reference the maps; let GC unmap them
         for f in self._files.values():

@@ -318,6 +318,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     def run_parent(i: int, on_chunk=None) -> None:
         """Parent layer i over all tokens, in place in hp."""
         layer = pm.layers[i]
+        pm.readahead(i + 1)
         pm.load(layer)
         cap: dict = {}
         hooks = []
