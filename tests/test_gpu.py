@@ -61,14 +61,16 @@ def test_cuda_subclone_planted_exact_and_verified(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["heal", "rotate_hidden"])
-@pytest.mark.parametrize("memory", [None, "64MB"])
-def test_cuda_heal_rotate_verify_equal_cpu(tmp_path, stage, memory):
+@pytest.mark.parametrize("overflow", [False, True])
+def test_cuda_heal_rotate_verify_equal_cpu(tmp_path, monkeypatch, stage, overflow):
     """heal or rotate_hidden and the full verification on the GPU, with the default budget (streams
-    resident, blocks cast once) and with one small enough that every stream overflows to the
-    scratch file: the child and the verification numbers equal the CPU's."""
+    resident, blocks cast once) and with a budget that holds nothing (every stream overflows to the
+    scratch file, weights cast a few rows at a time): the child and the verification numbers equal
+    the CPU's."""
     from safetensors.torch import load_file
 
     from shrinkit import api
+    from shrinkit.runtime import Budget
 
     pl = planted.llama_like(tmp_path / "p")
     rec = {"target": {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3},
@@ -77,10 +79,11 @@ def test_cuda_heal_rotate_verify_equal_cpu(tmp_path, stage, memory):
            "stages": [{"rank_neurons": {"method": "activation"}}, {"drop_layers": {"drop": [2]}}, {stage: {}},
                       {"slice_embeddings": {}}]}
     cpu = api.subclone(pl.path, rec, tmp_path / "cpu")
-    gpu = api.subclone(pl.path, rec, tmp_path / "gpu", device="cuda", device_memory=memory)
-    if memory is not None:
-        from shrinkit.runtime import Budget
-        assert not Budget.for_device("cuda", 64 << 20).resident(8 * 16 * 64 * 4 + 1 << 24)
+    if overflow:
+        monkeypatch.setattr(Budget, "resident", lambda self, n: False)
+        monkeypatch.setattr(Budget, "cast_block", lambda self, n: False)
+    gpu = api.subclone(pl.path, rec, tmp_path / "gpu", device="cuda")
+    assert gpu.report["runtime"]["device_memory"] > 0
     a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
     for k in a:
         assert close(b[k], a[k]), k
