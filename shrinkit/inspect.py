@@ -24,12 +24,14 @@ def inspect_summary(parent, config=None) -> dict:
         }
 
 
-def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None) -> dict:
-    from .pipeline import check_data, prepare
+def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None, tokenizer=None) -> dict:
+    from .datacheck import check_specs, run_specs
+    from .pipeline import prepare
 
     with open_checkpoint(parent, config) as ck:
         plan = prepare(ck, recipe)
-        check_data(ck, recipe, verify=True)   # the calibration files subclone would read (verification on)
+        # the data subclone would read (verification on), by the checks its preflight makes
+        check_specs(ck, run_specs(ck, plan, recipe, tokenizer, verify=True), tokenizer)
         from .stages.rank import select
         select(plan, "first", None, plan.layers, recipe.seed)  # shapes only; ranking does not change them
         cts = plan.child_tensors(ck)

@@ -8,7 +8,6 @@ import math
 import mmap
 import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .hf import check_config
 from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, parent_params, resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
-from .report import model_card, report_markdown
+from .report import model_card, report_markdown, strict_json
 from .stages.layers import count_from_lists, keep_layers
 from .stages.rank import magnitude_scores, select, spaces_to_rank
 from .stages.slice import BLOCK_BYTES, slice_blocks
@@ -269,6 +268,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
     dropped = False
     calib: dict = {}   # one calibration pass per distinct calibration spec
     written: list = []
+    files: dict = {}   # child file -> {"size", "sha256"}, recorded as each is written (shrinkit.childfiles)
     for name, stage in recipe.parsed:
         t0 = time.perf_counter()
         info: dict = {"stage": name}
@@ -313,7 +313,7 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         elif name == "rescale_norms":
             info["factor"] = plan.norm_factor if plan.norm_factor is not None else 1.0
         elif name == "slice_embeddings":
-            info.update(_write(ckpt, plan, recipe, tmp, progress, written))
+            info.update(_write(ckpt, plan, recipe, tmp, progress, written, files))
         info["seconds"] = round(time.perf_counter() - t0, 3)
         stages.append(info)
     if not plan.ranked:
@@ -328,7 +328,9 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
         report["notes"] = list(opts["checks"].notes)
     if verified is not None:
         report["verify"] = verified
-    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["files"] = dict(sorted(files.items()))
+    report = strict_json(report)   # NaN / infinity (a diverged verification) become null: strict JSON
+    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (tmp / "shrinkit_report.md").write_text(report_markdown(report))
     (tmp / "README.md").write_text(model_card(report))
     return report
@@ -439,7 +441,8 @@ def _child_blocks(plan: Plan, ct, ckpt: Checkpoint):
         yield t[r0:r0 + step].contiguous()
 
 
-def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list) -> dict:
+def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Progress, written: list,
+           files: dict) -> dict:
     if not plan.ranked:
         if spaces_to_rank(plan):  # pragma: no cover - prepare() refuses this
             raise RecipeError("slice_embeddings needs rank_neurons first")
@@ -489,13 +492,15 @@ def _write(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Pr
         raise
     for p in set(plan.replaced.values()):  # heal's scratch files: not part of the child
         Path(p).unlink(missing_ok=True)
+    from .childfiles import copy_file, write_bytes
+    files.update(writer.files)
     cfg = plan.child_config(ckpt.config)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_bytes(tmp / "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(), files)
     src = ckpt.config_path.parent
     for fn in TOKENIZER_FILES:
         for d in dict.fromkeys((ckpt.root, src)):
             if (d / fn).is_file():
-                shutil.copyfile(d / fn, tmp / fn)
+                copy_file(d / fn, tmp / fn, files)
                 break
     written.extend(cts)
     return {"shards": shards, "bytes": writer.total_size}

@@ -116,7 +116,6 @@ def _heal_auto_runs(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tokenizer) -> 
 
 def preflight(ckpt: Checkpoint, plan: Plan, recipe: Recipe, out: Path, *, device: str = "cpu",
               tokenizer=None, verify: bool = True) -> Checks:
-    from . import calibrate as C
     from .pipeline import resolve_device
 
     ck = Checks(device=resolve_device(device))
@@ -193,13 +192,8 @@ def preflight(ckpt: Checkpoint, plan: Plan, recipe: Recipe, out: Path, *, device
                          + f", {_gb(free)} is free; free some space or choose another --out")
 
     # -- data: files, tokenizer, enough text; the windows themselves (made once, used later)
-    text = fam.random_data == "random_tokens"   # a family that reads text (others check their own inputs)
-    all_specs = list(ck.specs.values()) + ([ck.verify] if ck.verify is not None else [])
-    for spec in all_specs:
-        if text:
-            C.check_data(spec.data)
-            if spec.data != "random_tokens":
-                C.load_tokenizer(ckpt, tokenizer)
+    from .datacheck import check_specs   # the same checks as `plan` makes
+    check_specs(ckpt, list(ck.specs.values()) + ([ck.verify] if ck.verify is not None else []), tokenizer)
     for spec in ck.specs.values():
         if _key(spec) not in ck.tokens:
             ck.tokens[_key(spec)] = fam.calibration_inputs(ckpt, spec, plan.parent, seed=recipe.seed,

@@ -17,7 +17,9 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are refused, and every number is finite (NaN and infinity are refused in
+    every field: a recipe float ends up in the report, which is strict JSON)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Count = Union[PositiveInt, str]
@@ -149,7 +151,7 @@ class SliceEmbeddings(Strict):
 
 class Heal(Strict):
     """Least-squares refit of every kept block's attention and MLP output projections."""
-    alpha: float = Field(1e-2, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
+    alpha: float = Field(1e-2, gt=0, le=1e6)      # ridge lambda = alpha x mean diagonal of the Gram matrix
     weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
     when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
     calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
+
+def strict_json(x):
+    """`x` with every float that JSON cannot hold (NaN, infinity) replaced by None (null), so
+    that json.dumps(..., allow_nan=False) never fails and every reader gets strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
 
 def _fmt_params(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
