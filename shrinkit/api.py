@@ -148,8 +148,10 @@ def subclone(parent: PathLike, recipe: RecipeLike, out: PathLike | None = None, 
 
     Returns a Result: ``.out`` (the child folder), ``.report`` (the dict written to
     shrinkit_report.json), ``.plan`` and ``.skipped`` (True when ``skip_if_current`` found OUT
-    already holding this child; nothing was written then; a stale child in OUT still needs
-    ``force`` to be replaced). ``verify`` measures the child on
+    already holding this child, every file intact as the report recorded it; nothing was written
+    then; a stale child in OUT still needs ``force`` to be replaced, and a current child whose
+    files are not intact is a UsageError without ``force``, rebuilt with it). Arguments of the
+    wrong type are a UsageError naming them. ``verify`` measures the child on
     held-out text (the command line's default too). ``quiet`` hides the Hub's download bars.
     """
     _check_args("subclone", parent=parent, out=out, force=force, config=config, revision=revision, device=device,

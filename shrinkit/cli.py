@@ -10,7 +10,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -111,9 +110,9 @@ class _Command(TyperCommand):
         want = "--json" in args
         try:
             return super().make_context(info_name, list(args), parent=parent, **extra)
-        except click.exceptions.UsageError as e:
-            if want:
-                _json_error(_one_line(e.format_message()), e.exit_code, "usage")
+        except Exception as e:   # the parser's usage errors (click's, or the copy typer ships)
+            if want and callable(getattr(e, "format_message", None)) and getattr(e, "exit_code", None) == 2:
+                _json_error(_one_line(e.format_message()), 2, "usage")
             raise
 
 
@@ -229,9 +228,9 @@ def subclone(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the child on held-out text."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (child, params, bytes, "
-                                  "hashes, verification, gate) and nothing else there."),
+                                  "hashes, verification, gate) and nothing else there; an error: {error, exit, kind})."),
     skip_if_current: bool = typer.Option(False, "--skip-if-current", help="Do nothing when --out already holds "
-                                         "this child (same parent hash, recipe hash and shrinkit version)."),
+                                         "this child (same parent hash, recipe hash and shrinkit version) and its files are intact."),
     debug: bool = DebugOpt,
 ):
     """Write a child checkpoint cut out of PARENT by RECIPE.
@@ -317,7 +316,7 @@ def verify(
     device: str = DeviceOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     revision: Optional[str] = RevisionOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (an error: {error, exit, kind})."),
     debug: bool = DebugOpt,
 ):
     """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child).
@@ -367,7 +366,7 @@ def inspect(
     parent: str = ParentArg,
     config: Optional[Path] = ConfigOpt,
     revision: Optional[str] = RevisionOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON (an error: {error, exit, kind})."),
     debug: bool = DebugOpt,
 ):
     """Describe a checkpoint: family, dims, params, dtypes, shards, tied embeddings."""

@@ -216,7 +216,7 @@ class Report(BaseModel):
 
 # ------------------------------------------------------------------ image processor config
 
-MAX_PIXELS = 1 << 14     # a side of an image the processor makes
+MAX_PIXELS = 1 << 13     # a side of an image the processor makes
 Side = Annotated[StrictInt, Field(gt=0, le=MAX_PIXELS)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
