@@ -235,7 +235,7 @@ class ImageSize(BaseModel):
         hw = (self.height is None, self.width is None)
         if hw[0] != hw[1]:
             raise ValueError("give both height and width")
-        if self.height is None and self.shortest_edge is None and self.longest_edge is None:
+        if self.height is None and self.shortest_edge is None:
             raise ValueError("give height and width, or shortest_edge")
         return self
 
@@ -244,6 +244,8 @@ def _size_field(v, name: str):
     if v is None or isinstance(v, ImageSize):
         return v
     if isinstance(v, dict):
+        if name == "crop_size" and set(v) - {"height", "width"}:
+            raise ValueError("must be a pixel count or {height, width} (a crop has both)")
         try:
             return ImageSize.model_validate(v)
         except ValidationError as e:
@@ -272,6 +274,7 @@ class ImageProcessorConfig(BaseModel):
     """The keys of preprocessor_config.json that decide the pixels a vision parent sees."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    image_processor_type: Optional[StrictStr] = None
     do_resize: Optional[StrictBool] = None
     size: Any = None
     resample: Optional[Annotated[StrictInt, Field(ge=0, le=5)]] = None
@@ -293,6 +296,19 @@ class ImageProcessorConfig(BaseModel):
     @classmethod
     def _chan(cls, v):
         return _channels(v)
+
+    @model_validator(mode="after")
+    def _flags(self):
+        """A key given as null is used as null (not the processor's default), so it may be null
+        only when its step is off; a center crop needs its crop_size."""
+        for flag, keys in (("do_resize", ("size", "resample")), ("do_center_crop", ("crop_size",)),
+                           ("do_rescale", ("rescale_factor",)), ("do_normalize", ("image_mean", "image_std"))):
+            for k in keys:
+                if k in self.model_fields_set and getattr(self, k) is None and getattr(self, flag) is not False:
+                    raise ValueError(f"{k} is null while {flag} is not false; give a {k} or leave the key out")
+        if self.do_center_crop and self.crop_size is None:
+            raise ValueError("do_center_crop is true but crop_size is missing; give crop_size {height, width}")
+        return self
 
     @model_validator(mode="after")
     def _std(self):

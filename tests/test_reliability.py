@@ -263,6 +263,12 @@ def _vit_recipe(write_recipe, data="builtin"):
     ({"do_resize": "no"}, 3, "field do_resize"),
     ({"rescale_factor": -1}, 3, "field rescale_factor"),
     ({"crop_size": {"height": 32}}, 3, "field crop_size"),
+    ({"size": None}, 3, "size is null while do_resize"),
+    ({"image_std": None}, 3, "image_std is null while do_normalize"),
+    ({"do_center_crop": True}, 3, "crop_size is missing"),
+    ({"do_center_crop": True, "crop_size": {"shortest_edge": 20}}, 3, "field crop_size"),
+    ({"size": {"longest_edge": 40}}, 3, "field size"),
+    ({"image_processor_type": 5}, 3, "field image_processor_type"),
 ])
 def test_image_processor_config_by_schema(tmp_path, vit, write_recipe, change, code, needle):
     p = _vit_copy(vit, tmp_path, {**PRE, **change})
