@@ -316,6 +316,10 @@ def _moe(tmp_path, model_type: str, **cfg_changes) -> Path:
     ("qwen2_moe", {"mlp_only_layers": [7]}, "mlp_only_layers"),
     ("qwen3_moe", {"mlp_only_layers": "all"}, "mlp_only_layers"),
     ("qwen3_moe", {"norm_topk_prob": "yes"}, "norm_topk_prob"),
+    ("mixtral", {"num_experts_per_tok": None}, "num_experts_per_tok is missing or null"),
+    ("qwen2_moe", {"num_experts": None}, "num_experts is missing or null"),
+    ("qwen2_moe", {"decoder_sparse_step": None}, "decoder_sparse_step"),
+    ("qwen3_moe", {"norm_topk_prob": None}, "norm_topk_prob"),
 ])
 def test_moe_routing_fields_checked_with_the_parent(tmp_path, write_recipe, model_type, change, needle):
     p = _moe(tmp_path, model_type, **change)
