@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .version import __version__  # importing any submodule runs the package first: it sets GOMP_SPINCOUNT before torch loads (shrinkit.malloc)
 from .errors import ShrinkitError, Terminated
+from .report import strict_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cut a smaller, ready-to-train student out of a pretrained transformer checkpoint.")
@@ -62,27 +64,56 @@ def _quiet(debug: bool) -> None:
         sys.modules["transformers"].utils.logging.set_verbosity_error()
 
 
-def _fail(e: BaseException, debug: bool) -> None:
+def _classify(e: BaseException) -> tuple[str, int, str]:
+    """(message, exit code, kind) of an error: what stderr's line and --json's object say."""
+    from .errors import OutputError, ParentError, RecipeError, UsageError
+
+    if isinstance(e, ShrinkitError):
+        kind = next((k for t, k in ((RecipeError, "recipe"), (UsageError, "usage"), (ParentError, "parent"),
+                                    (OutputError, "output")) if isinstance(e, t)), "error")
+        return _one_line(e), e.exit_code, kind
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM); nothing was written", 143, "terminated"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted; nothing was written", 130, "interrupted"
+    if isinstance(e, MemoryError):
+        return "out of memory; free memory or use a machine with more", 1, "memory"
+    if isinstance(e, OSError):
+        return f"{_one_line(e.strerror or e)} ({e.filename or ''}); nothing was written", 1, "io"
+    return (f"internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", 1,
+            "internal")
+
+
+def _json_error(msg: str, code: int, kind: str) -> None:
+    import json
+
+    typer.echo(json.dumps({"error": msg, "exit": code, "kind": kind}))
+
+
+def _fail(e: BaseException, debug: bool, json_out: bool = False) -> None:
+    """One line on stderr (`error: ...`; the interrupted ones without the prefix) and the exit
+    code; with --json also one object on stdout: {"error", "exit", "kind"}."""
     if debug:
         traceback.print_exc()
-    if isinstance(e, ShrinkitError):
-        typer.echo(f"error: {_one_line(e)}", err=True)
-        raise typer.Exit(e.exit_code)
-    if isinstance(e, Terminated):
-        typer.echo("terminated (SIGTERM); nothing was written", err=True)
-        raise typer.Exit(143)
-    if isinstance(e, KeyboardInterrupt):
-        typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(130)
-    if isinstance(e, MemoryError):
-        typer.echo("error: out of memory; free memory or use a machine with more", err=True)
-        raise typer.Exit(1)
-    if isinstance(e, OSError):
-        typer.echo(f"error: {_one_line(e.strerror or e)} ({e.filename or ''}); nothing was written", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
-               err=True)
-    raise typer.Exit(1)
+    msg, code, kind = _classify(e)
+    typer.echo(msg if kind in ("terminated", "interrupted") else f"error: {msg}", err=True)
+    if json_out:
+        _json_error(msg, code, kind)
+    raise typer.Exit(code)
+
+
+class _Command(TyperCommand):
+    """A command whose command-line errors (a missing argument, an unknown option, a value of the
+    wrong type: exit 2) also print the --json error object when --json was given."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        want = "--json" in args
+        try:
+            return super().make_context(info_name, list(args), parent=parent, **extra)
+        except Exception as e:   # the parser's usage errors (click's, or the copy typer ships)
+            if want and callable(getattr(e, "format_message", None)) and getattr(e, "exit_code", None) == 2:
+                _json_error(_one_line(e.format_message()), 2, "usage")
+            raise
 
 
 def _on_term(signum, frame):
@@ -186,7 +217,7 @@ DeviceMemoryOpt = typer.Option(None, "--device-memory", help="Memory the block r
 TokenizerOpt = typer.Option(None, "--tokenizer", help="Tokenizer folder for calibration text (default: the parent's).")
 
 
-@app.command()
+@app.command(cls=_Command)
 def subclone(
     parent: str = ParentArg,
     recipe: Path = RecipeOpt,
@@ -200,9 +231,9 @@ def subclone(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the child on held-out text."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (child, params, bytes, "
-                                  "hashes, verification, gate) and nothing else there."),
+                                  "hashes, verification, gate) and nothing else there; an error: {error, exit, kind})."),
     skip_if_current: bool = typer.Option(False, "--skip-if-current", help="Do nothing when --out already holds "
-                                         "this child (same parent hash, recipe hash and shrinkit version)."),
+                                         "this child (same parent hash, recipe hash and shrinkit version) and its files are intact."),
     debug: bool = DebugOpt,
 ):
     """Write a child checkpoint cut out of PARENT by RECIPE.
@@ -220,13 +251,13 @@ def subclone(
                                skip_if_current=skip_if_current, quiet=quiet, device_memory=device_memory)
             prog.finish()
     except (Exception, KeyboardInterrupt) as e:
-        _fail(e, debug)
+        _fail(e, debug, json_out)
     rep = res.report
     c = rep["child"]
     v = rep.get("verify")
     if json_out:
         import json
-        typer.echo(json.dumps(result_json(res)))
+        typer.echo(json.dumps(strict_json(result_json(res)), allow_nan=False))
     elif res.skipped:
         typer.echo(f"skipped: {res.out} already holds this child (parent hash {rep['parent_hash'][:12]}, recipe hash "
                    f"{rep['recipe_hash'][:12]}, shrinkit {rep['shrinkit_version']}); "
@@ -270,7 +301,7 @@ def result_json(res) -> dict:
     }
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     parent: str = ParentArg,
     child: Path = typer.Argument(..., help="The child folder."),
@@ -289,7 +320,7 @@ def verify(
     device_memory: Optional[str] = DeviceMemoryOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     revision: Optional[str] = RevisionOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (an error: {error, exit, kind})."),
     debug: bool = DebugOpt,
 ):
     """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child).
@@ -304,41 +335,43 @@ def verify(
                        config=config, device=device, tokenizer=tokenizer, revision=revision, gate=gate,
                        device_memory=device_memory)
     except (Exception, KeyboardInterrupt) as e:
-        _fail(e, debug)
+        _fail(e, debug, json_out)
     if json_out:
         import json
-        typer.echo(json.dumps(v, indent=2))
+        typer.echo(json.dumps(strict_json(v), indent=2, allow_nan=False))
     else:
         typer.echo("\n".join(v["table"]))
     if v.get("status") == "gate_missed":
         raise typer.Exit(VERIFY_FAILED)
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
     parent: str = ParentArg,
     recipe: Path = RecipeOpt,
     config: Optional[Path] = ConfigOpt,
     revision: Optional[str] = RevisionOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    tokenizer: Optional[Path] = TokenizerOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON (an error: {error, exit, kind})."),
     debug: bool = DebugOpt,
 ):
-    """Dry run: validate the recipe against PARENT and print the child's shape; writes nothing."""
+    """Dry run: validate the recipe against PARENT and its calibration data (the checks subclone
+    makes before any work) and print the child's shape; writes nothing."""
     try:
         from . import api
 
-        summary = api.plan(parent, recipe, config=config, revision=revision)
+        summary = api.plan(parent, recipe, config=config, revision=revision, tokenizer=tokenizer)
     except (Exception, KeyboardInterrupt) as e:
-        _fail(e, debug)
+        _fail(e, debug, json_out)
     _print_summary(summary, json_out)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     parent: str = ParentArg,
     config: Optional[Path] = ConfigOpt,
     revision: Optional[str] = RevisionOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON (an error: {error, exit, kind})."),
     debug: bool = DebugOpt,
 ):
     """Describe a checkpoint: family, dims, params, dtypes, shards, tied embeddings."""
@@ -347,7 +380,7 @@ def inspect(
 
         summary = api.inspect(parent, config=config, revision=revision)
     except (Exception, KeyboardInterrupt) as e:
-        _fail(e, debug)
+        _fail(e, debug, json_out)
     _print_summary(summary, json_out)
 
 
@@ -365,7 +398,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     import json
 
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         return
     from rich.console import Console
     from rich.table import Table

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import ParentError, UsageError
 
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 INDEX = "model.safetensors.index.json"
 
@@ -60,7 +61,50 @@ def resolve(parent: str | os.PathLike, revision: str | None = None, quiet: bool 
         if revision:
             raise UsageError(f"--revision applies to Hub ids (org/name), but {parent} is a local path; drop --revision")
         return Source(p)
+    check_revision(revision)
     return _from_hub(str(parent), revision, quiet, log)
+
+
+def check_revision(revision: str | None) -> None:
+    """A revision names a branch, tag or commit, never a path: no separators, no '..'."""
+    if revision is None:
+        return
+    if not revision or "/" in revision or "\\" in revision or ".." in revision or "\0" in revision \
+            or len(revision) > 256 or revision.strip() != revision:
+        raise UsageError(f"--revision {revision[:80]!r} is not a branch, tag or commit name (no '/', '\\' or '..'); "
+                         "pass one such as main, v1.0 or a 40-character commit hash")
+
+
+def _closed(cache: Path, repo: str, folder: Path) -> Path:
+    """The snapshot folder, checked to lie inside the cache: the ref it came from must be a
+    commit hash and the folder must be the repository's own snapshots/<commit> (no link or '..'
+    leading elsewhere). ParentError (exit 3) otherwise."""
+    storage = Path(os.path.realpath(cache / ("models--" + repo.replace("/", "--"))))
+    name = folder.name
+    if not COMMIT.match(name) or folder.parent.name != "snapshots":
+        raise ParentError(f"the Hugging Face cache entry of {repo} names {str(folder)[-80:]!r} as its snapshot, which "
+                          f"is not snapshots/<40-character commit hash>; a ref under {storage}/refs must hold a "
+                          "commit hash: remove that cache entry and fetch it again")
+    if os.path.realpath(folder) != str(storage / "snapshots" / name):
+        raise ParentError(f"the Hugging Face cache snapshot {folder} of {repo} leads outside {storage}; remove that "
+                          "cache entry and fetch it again")
+    return folder
+
+
+def _check_links(cache: Path, repo: str, folder: Path) -> None:
+    """Every file shrinkit reads from a snapshot is a plain file of the snapshot or a link that
+    resolves into the repository's own blobs/ (huggingface_hub's layout): ParentError otherwise."""
+    from .pipeline import TOKENIZER_FILES
+
+    blobs = os.path.join(os.path.realpath(cache / ("models--" + repo.replace("/", "--"))), "blobs")
+    for name in dict.fromkeys(["config.json", INDEX, *_shards(folder), *TOKENIZER_FILES]):
+        p = folder / name
+        if not os.path.islink(p):
+            continue
+        real = os.path.realpath(p)
+        if os.path.commonpath([blobs, real]) != blobs:
+            raise ParentError(f"{name} in the Hugging Face cache snapshot of {repo} links to {real}, outside the "
+                              f"repository's blobs folder {blobs}; remove that cache entry and fetch it again")
 
 
 def _complete(folder: Path) -> bool:
@@ -122,7 +166,9 @@ def _from_hub(repo: str, revision: str | None, quiet: bool, log) -> Source:
     at = f"{repo}@{revision}" if revision else repo
     kw = dict(cache_dir=str(cache), library_name="shrinkit")
     try:  # the cache first: no network when the snapshot is already complete
-        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=meta, **kw))
+        folder = _closed(cache, repo, Path(snapshot_download(repo, revision=revision, local_files_only=True,
+                                                             allow_patterns=meta, **kw)))
+        _check_links(cache, repo, folder)
         if _complete(folder):
             return Source(folder, repo, folder.name)
     except huggingface_hub.errors.LocalEntryNotFoundError:
@@ -138,14 +184,16 @@ def _from_hub(repo: str, revision: str | None, quiet: bool, log) -> Source:
     try:
         if log:
             log(f"fetching {at} from the Hub (config, index, tokenizer) into {cache}")
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=meta, **kw))
+        folder = _closed(cache, repo, Path(snapshot_download(repo, revision=revision, allow_patterns=meta, **kw)))
+        _check_links(cache, repo, folder)
         commit = folder.name  # pin the weights to the commit the config came from
         shards = _shards(folder)
         if not shards:
             raise ParentError(f"{repo}'s {INDEX} names no .safetensors shards; shrinkit reads safetensors only")
         if log:
             log(f"fetching {at} weights: {', '.join(shards)}")
-        folder = Path(snapshot_download(repo, revision=commit, allow_patterns=shards, **kw))
+        folder = _closed(cache, repo, Path(snapshot_download(repo, revision=commit, allow_patterns=shards, **kw)))
+        _check_links(cache, repo, folder)
     except ParentError:
         raise
     except Exception as e:  # huggingface_hub and httpx raise many types; one line for each

@@ -31,13 +31,46 @@ def has_preprocessor(folder: Path) -> bool:
     return (Path(folder) / PREPROCESSOR).is_file()
 
 
-def image_processor(root: Path):
-    """The parent's transformers image processor, from its preprocessor_config.json."""
+def check_processor(root: Path, required: bool = True) -> dict | None:
+    """The parent's preprocessor_config.json, read with a size cap and checked by schema
+    (validate.ImageProcessorConfig: sizes positive, means and stds finite, one per channel, stds
+    positive, flags booleans): ParentError (exit 3) naming the field. Without one: UsageError when
+    `required`, else None."""
+    from pydantic import ValidationError
+
+    from .validate import MAX_CONFIG, ImageProcessorConfig, TooDeep, TooLarge, field_error, loads, read_capped
+
     root = Path(root)
+    path = root / PREPROCESSOR
     if not has_preprocessor(root):
+        if not required:
+            return None
         raise UsageError(f"the parent {root} has no {PREPROCESSOR} to preprocess calibration images; copy the "
                          "model's preprocessor_config.json into it, use `data: random_pixels`, or rank with "
                          "`method: magnitude`")
+    try:
+        cfg = loads(read_capped(path, MAX_CONFIG))
+    except OSError as e:
+        raise ParentError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
+    except (TooLarge, TooDeep) as e:
+        raise ParentError(f"{path} is not a usable image processor config: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ParentError(f"{path} is not a usable image processor config: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ParentError(f"{path} is not a usable image processor config: not a JSON object")
+    try:
+        ImageProcessorConfig.model_validate(cfg)
+    except ValidationError as e:
+        raise ParentError(f"{path} is not a usable image processor config: {field_error(e)}; fix the parent's "
+                          f"{PREPROCESSOR}") from None
+    return cfg
+
+
+def image_processor(root: Path):
+    """The parent's transformers image processor, from its preprocessor_config.json (checked by
+    schema first: check_processor)."""
+    root = Path(root)
+    check_processor(root)
     from transformers import AutoImageProcessor
     from transformers.utils import logging
 
@@ -47,6 +80,30 @@ def image_processor(root: Path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ParentError(f"{root / PREPROCESSOR} is not a usable image processor config: {msg}") from None
+
+
+def check_sizes(root: Path, files: list) -> None:
+    """Images that the parent's processor does not resize (do_resize: false, no center crop)
+    must share one size to form a batch: RecipeError (exit 2) naming two that differ. Reads only
+    the image headers."""
+    cfg = check_processor(root, required=False) or {}
+    if cfg.get("do_resize", True) is not False or cfg.get("do_center_crop") is True:
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    sizes: dict = {}
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.setdefault(im.size, f)
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RecipeError(f"calibration image {f} cannot be read ({msg}); remove or replace it") from None
+        if len(sizes) > 1:
+            (a, fa), (b, fb) = list(sizes.items())[:2]
+            raise RecipeError(f"calibration images {Path(fa).name} ({a[0]}x{a[1]}) and {Path(fb).name} ({b[0]}x{b[1]}) "
+                              f"differ in size and the parent's {PREPROCESSOR} has do_resize: false, so they cannot "
+                              "form one batch; give images of one size, or use `data: builtin` or `data: random_pixels`")
 
 
 def _builtin_files(split: str) -> list:
@@ -117,6 +174,8 @@ def calibration_pixels(root: Path, data: str, samples: int, *, seed: int = 0, sp
 
     order = [(files[i % len(files)], (i // len(files)) % 2 == 1) for i in range(samples)]
     out = None
+    if data != "builtin":
+        check_sizes(root, files)
     for s in range(0, samples, PROCESS_BATCH):
         ims = []
         for f, mirror in order[s:s + PROCESS_BATCH]:

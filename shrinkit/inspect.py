@@ -24,13 +24,16 @@ def inspect_summary(parent, config=None) -> dict:
         }
 
 
-def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None) -> dict:
+def plan_summary(parent, recipe: Recipe, config=None, source: dict | None = None, tokenizer=None) -> dict:
     from .pipeline import check_data, prepare
+    from .preflight import preflight
     from .ranking import ensure_selected
 
     with open_checkpoint(parent, config) as ck:
         plan = prepare(ck, recipe)
-        check_data(ck, recipe, verify=True, plan=plan)   # the calibration files subclone would read (verification on)
+        check_data(ck, recipe, tokenizer, verify=True, plan=plan)
+        # the data subclone would read (verification on), by subclone's own preflight (no output folder)
+        preflight(ck, plan, recipe, None, tokenizer=tokenizer, verify=True)
         ensure_selected(plan, recipe.seed)  # shapes only; ranking does not change them
         cts = plan.child_tensors(ck)
         nbytes = sum(c.nbytes for c in cts)

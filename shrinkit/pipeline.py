@@ -29,7 +29,7 @@ from .progress import Progress
 from .ranking import default_method, ensure_selected, spaces_to_rank  # noqa: F401 - default_method: API
 from .recipe import Recipe
 from .runtime import budget_scope
-from .report import build_report, model_card, parent_dtype, report_markdown
+from .report import build_report, model_card, parent_dtype, report_markdown, strict_json
 from .stages import STAGES, Context, stage_providing
 
 
@@ -216,8 +216,10 @@ def _run(ctx: Context, t_start: float, opts: dict) -> dict:
     report["runtime"] = {"device": ctx.device, "device_memory": ctx.checks.budget.memory}
     if verified is not None:
         report["verify"] = verified
+    report["files"] = dict(sorted(ctx.files.items()))
+    report = strict_json(report)   # NaN / infinity (a diverged verification) become null: strict JSON
     tmp = ctx.scratch
-    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (tmp / "shrinkit_report.md").write_text(report_markdown(report))
     (tmp / "README.md").write_text(model_card(report))
     return report

@@ -150,7 +150,7 @@ class _Reading:
         raise err from None
 
 
-def preflight(ckpt: Checkpoint, plan: Plan, recipe, out: Path, *, device: str = "cpu",
+def preflight(ckpt: Checkpoint, plan: Plan, recipe, out: Path | None, *, device: str = "cpu",
               tokenizer=None, verify: bool = True, device_memory: int | None = None) -> Checks:
     """Every check before the first forward pass or written byte, in four phases: each reading
     stage's calibration spec, the verification's mode and held-out spec, the output folder and
@@ -165,7 +165,8 @@ def preflight(ckpt: Checkpoint, plan: Plan, recipe, out: Path, *, device: str = 
     ck.verify_mode = None if not verify else "full" if (recipe.verify is not None or ck.specs) else "structural"
     if ck.verify_mode == "full":
         _verify_spec(ck, ckpt, fam, recipe, tokenizer, pos_key)
-    _disk(ck, ckpt, plan, recipe, out)
+    if out is not None:   # None: a dry run (`plan`) with no output folder to check
+        _disk(ck, ckpt, plan, recipe, out)
     _data(ck, ckpt, plan, recipe, tokenizer, reads)
     return ck
 
@@ -241,18 +242,15 @@ def _disk(ck: Checks, ckpt, plan, recipe, out: Path) -> None:
 def _data(ck: Checks, ckpt, plan, recipe, tokenizer, reads: dict) -> None:
     """Data: files, tokenizer, enough text; the windows themselves (made once, used later). An
     error names the stage that reads the data (_Reading)."""
-    from . import text as T
+    from .datacheck import check_specs
 
     fam = plan.family
-    text = fam.random_data == "random_tokens"   # a family that reads text (others check their own inputs)
+    text = fam.random_data == "random_tokens"
     ver = [Read("verify", "verify", "held-out text" if text else "held-out images", ck.verify)] \
         if ck.verify is not None else []
     for r in list(reads.values()) + ver:
         with _Reading(r, recipe):
-            if text:
-                T.check_data(r.spec.data)
-                if r.spec.data != "random_tokens":
-                    T.load_tokenizer(ckpt, tokenizer)
+            check_specs(ckpt, [r.spec], tokenizer)
     for r in reads.values():
         if _key(r.spec) not in ck.tokens:
             with _Reading(r, recipe):

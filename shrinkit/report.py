@@ -3,6 +3,7 @@ renderings, shrinkit_report.md and the child's model card."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,18 @@ from .families.spaces import GLOBAL, LAYER, Space
 from .hashing import parent_hash, recipe_hash
 from .plan import DTYPE_STR, Plan, count_params, parent_params
 from .version import __version__
+
+
+def strict_json(x):
+    """`x` with every float that JSON cannot hold (NaN, infinity) replaced by None (null), so
+    that json.dumps(..., allow_nan=False) never fails and every reader gets strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
 
 
 def parent_dtype(ckpt: Checkpoint):

@@ -14,7 +14,9 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are refused, and every number is finite (NaN and infinity are refused in
+    every field: a recipe float ends up in the report, which is strict JSON)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Count = Union[PositiveInt, str]

@@ -313,3 +313,380 @@ def test_mutated_inputs(parent, data):
             assert "Traceback" not in res.stderr and "internal error" not in res.stderr, (res.stderr, what)
             KINDS[f"{rc} {kind(lines[0])}"] += 1
             assert sorted(x.name for x in work.iterdir()) == ["parent", "r.yaml"], (list(work.iterdir()), what)
+
+
+# ---------------------------------------------------------------------------- more input classes
+# shrinkit's own report (and the child it describes) under --skip-if-current, the Hugging Face
+# cache layout (refs, snapshots, links), image processor configs and MoE routing fields, with the
+# same invariants; a child reported "skipped" must be the intact child, byte for byte.
+
+CLASS_EXAMPLES = max(6, EXAMPLES // 4)
+CLASS_SETTINGS = dict(max_examples=CLASS_EXAMPLES, derandomize=not LONG, deadline=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                             HealthCheck.function_scoped_fixture])
+SMALL = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=6), st.lists(st.integers(-2, 300), max_size=4),
+                  st.sampled_from([1e-300, 1e300, -0.0, "abc", {}, [], {"height": 0}, [[1]]]))
+HALF_RECIPE = {"target": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
+               "stages": [{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {"strategy": "middle"}},
+                          {"slice_embeddings": {}}]}
+
+
+def walk(p: Path) -> dict:
+    """Every entry under p, links not followed: file hash, link target or 'dir'."""
+    out = {}
+    for root, dirs, files in os.walk(p):
+        for n in dirs + files:
+            x = Path(root) / n
+            rel = str(x.relative_to(p))
+            if x.is_symlink():
+                out[rel] = "-> " + os.readlink(x)
+            elif x.is_file():
+                out[rel] = hashlib.sha256(x.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def invoke(args, env=None):
+    res = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+def error_ok(res, what) -> dict:
+    """One error line on stderr, no traceback; with --json one object on stdout saying the same."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (res.stderr, what)
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, (res.stderr, what)
+    KINDS[f"{res.exit_code} {kind(lines[0])}"] += 1
+    if "--json" in res.stdout or res.stdout.strip():
+        j = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+        assert j["exit"] == res.exit_code and j["error"] == lines[0].removeprefix("error: "), (j, what)
+        return j
+    return {}
+
+
+def model_ok(out: Path, auto: str = "AutoModelForCausalLM") -> None:
+    """transformers loads the child with no missing or unexpected keys, and its outputs are finite."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    m, info = getattr(transformers, auto).from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys"), info
+    with torch.no_grad():
+        if auto == "AutoModel":   # vision
+            s = int(m.config.image_size)
+            y = m(pixel_values=torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))).last_hidden_state
+        else:
+            ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+            y = m(input_ids=ids).logits
+    assert torch.isfinite(y).all(), "non-finite child outputs"
+
+
+@pytest.fixture(scope="module")
+def golden(parent, tmp_path_factory) -> tuple[Path, Path]:
+    """A child of `parent` by HALF_RECIPE, and that recipe."""
+    d = tmp_path_factory.mktemp("golden")
+    rec = d / "r.yaml"
+    rec.write_text(yaml.safe_dump(HALF_RECIPE))
+    res = invoke(["subclone", parent, "-r", rec, "-o", d / "child", "-q", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    return d / "child", rec
+
+
+REPORT_KEYS = ("shrinkit_version", "recipe_hash", "parent_hash", "child", "parent", "files", "verify", "notes",
+               "seconds", "kept", "stages")
+
+
+def report_mutation(draw, out: Path) -> str:
+    rp = out / "shrinkit_report.json"
+    rep = json.loads(rp.read_text())
+    op = draw(st.sampled_from(["key", "nested", "delete", "file_record", "raw", "file", "file", "file", "none"]))
+    if op == "key":
+        k = draw(st.sampled_from(REPORT_KEYS))
+        rep[k] = draw(st.one_of(near(rep.get(k)), SMALL, values))
+    elif op == "nested":
+        k = draw(st.sampled_from(["child", "parent", "files"]))
+        sub = draw(st.sampled_from(sorted(rep[k])))
+        rep[k][sub] = draw(st.one_of(near(rep[k][sub]), SMALL))
+    elif op == "delete":
+        rep.pop(draw(st.sampled_from(REPORT_KEYS)), None)
+    elif op == "file_record":
+        name = draw(st.sampled_from(sorted(rep["files"])))
+        f = draw(st.sampled_from(["size", "sha256"]))
+        rep["files"][name][f] = draw(st.one_of(near(rep["files"][name][f]), st.just("0" * 64), SMALL))
+    if op == "raw":
+        rp.write_bytes(draw(st.one_of(st.binary(max_size=40), st.just(rp.read_bytes()[:100]), st.just(b"[" * 5000))))
+    elif op == "file":
+        f = out / draw(st.sampled_from(sorted(rep["files"])))
+        how = draw(st.sampled_from(["delete", "nan", "truncate", "append", "flip", "link", "empty"]))
+        raw = f.read_bytes()
+        if how == "delete":
+            f.unlink()
+        elif how == "nan" and f.suffix == ".safetensors":
+            n = int.from_bytes(raw[:8], "little")
+            f.write_bytes(raw[:8 + n] + b"\xff\xff\xff\x7f" * ((len(raw) - 8 - n) // 4))
+        elif how == "truncate":
+            f.write_bytes(raw[:-draw(st.integers(1, 16))])
+        elif how == "append":
+            f.write_bytes(raw + b"\0\0\0\0")
+        elif how == "flip":
+            i = draw(st.integers(0, len(raw) - 1))
+            f.write_bytes(raw[:i] + bytes([raw[i] ^ 0x40]) + raw[i + 1:])
+        elif how == "link":   # the same bytes, behind a link
+            real = out.parent / ("moved-" + f.name)
+            f.rename(real)
+            f.symlink_to(real)
+        elif how == "empty":
+            f.write_bytes(b"")
+        return f"child file {f.name} {how}"
+    elif op != "none":
+        rp.write_text(json.dumps(rep))
+    return f"report {op}"
+
+
+@settings(**CLASS_SETTINGS)
+@given(data=st.data())
+def test_mutated_report_and_child(parent, golden, data):
+    """--skip-if-current over a child whose report or files were changed: skipped only when the
+    child is exactly the one written; otherwise refused (one line) or, with --force, rebuilt."""
+    child, rec = golden
+    with tempfile.TemporaryDirectory(prefix="shrinkit-prop-") as d:
+        work = Path(d)
+        out = work / "out"
+        shutil.copytree(child, out)
+        what = [report_mutation(data.draw, out)]
+        force = data.draw(st.booleans(), label="force")
+        before, pbefore, rbefore = walk(work), tree(parent), rec.read_bytes()
+        args = ["subclone", parent, "-r", rec, "-o", out, "-q", "--no-verify", "--skip-if-current", "--json"]
+        res = invoke(args + (["--force"] if force else []))
+        rc = res.exit_code
+        STATS[rc] += 1
+        assert rc in (0, 2, 3), (rc, res.output, what)
+        assert tree(parent) == pbefore and rec.read_bytes() == rbefore, what
+        if rc != 0:
+            error_ok(res, what)
+            assert walk(work) == before, ("the output changed on error", what)
+            return
+        j = json.loads(res.stdout)
+        KINDS["0 skipped" if j["skipped"] else "0 rebuilt"] += 1
+        if j["skipped"]:   # never over a child that is not the one written
+            assert walk(out) == {k: v for k, v in walk(child).items()} or all(
+                (out / n).is_file() and not (out / n).is_symlink()
+                and hashlib.sha256((out / n).read_bytes()).hexdigest() == hashlib.sha256((child / n).read_bytes()).hexdigest()
+                for n in json.loads((child / "shrinkit_report.json").read_text())["files"]), what
+            assert walk(work) == before, what
+        model_ok(out)
+
+
+# -- the Hugging Face cache layout
+
+OTHER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def _hub_layout(work: Path, parent: Path) -> tuple[Path, Path]:
+    from test_hub import COMMIT, put_snapshot
+
+    cache = work / "hf-cache"
+    put_snapshot(cache, "org/tiny", COMMIT, {p.name: p.read_bytes() for p in parent.iterdir() if p.is_file()})
+    outside = work / "outside_model"       # a valid model outside the cache, told apart by its config
+    shutil.copytree(parent, outside)
+    cfg = json.loads((outside / "config.json").read_text())
+    cfg["rms_norm_eps"] = 0.123
+    (outside / "config.json").write_text(json.dumps(cfg))
+    put_snapshot(cache, "org/other", OTHER_COMMIT, {"config.json": (outside / "config.json").read_bytes()})
+    return cache, outside
+
+
+def hub_mutation(draw, cache: Path, outside: Path) -> tuple[str, str | None]:
+    from test_hub import COMMIT
+
+    repo = cache / "models--org--tiny"
+    snap = repo / "snapshots" / COMMIT
+    op = draw(st.sampled_from(["ref", "ref", "snapshot_link", "file_link", "file_link", "file_copy", "revision",
+                               "delete_blob", "none"]))
+    revision = None
+    hostile = ["../../../outside_model", "../../../../outside_model", "../snapshots/" + COMMIT, "", "main", "x" * 40,
+               COMMIT.upper(), COMMIT + "\n", OTHER_COMMIT, "/etc", str(outside), COMMIT[:39]]
+    if op == "ref":
+        (repo / "refs" / "main").write_text(draw(st.one_of(st.sampled_from(hostile), st.text(max_size=12))))
+    elif op == "snapshot_link":
+        target = draw(st.sampled_from([outside, cache / "models--org--other" / "snapshots" / OTHER_COMMIT]))
+        new = repo / "snapshots" / draw(st.sampled_from([COMMIT, OTHER_COMMIT]))
+        if new.exists() or new.is_symlink():
+            shutil.rmtree(new)
+        new.symlink_to(target)
+        if new.name == OTHER_COMMIT:
+            (repo / "refs" / "main").write_text(OTHER_COMMIT)
+    elif op in ("file_link", "file_copy"):
+        name = draw(st.sampled_from(sorted(p.name for p in snap.iterdir())))
+        link = snap / name
+        real = Path(os.path.realpath(link))
+        link.unlink()
+        if op == "file_copy":   # a plain file in the snapshot (no-symlink layouts): accepted
+            link.write_bytes(real.read_bytes())
+        else:
+            blobs = sorted((repo / "blobs").iterdir())
+            link.symlink_to(draw(st.sampled_from([outside / name, work_missing(cache), blobs[0], blobs[-1],
+                                                  *sorted((cache / "models--org--other" / "blobs").iterdir()),
+                                                  Path("/etc/hostname")])))
+    elif op == "revision":
+        revision = draw(st.one_of(st.sampled_from(hostile[:4] + ["main", COMMIT, "a/b", "..", "main/../main", " main"]),
+                                  st.text(max_size=8)))
+    elif op == "delete_blob":
+        draw(st.sampled_from(sorted((repo / "blobs").iterdir()))).unlink()
+    return op, revision
+
+
+def work_missing(cache: Path) -> Path:
+    return cache.parent / "missing" / "model.safetensors"
+
+
+@settings(**CLASS_SETTINGS)
+@given(data=st.data())
+def test_mutated_hub_cache(parent, data):
+    """A parent by Hub id, from a cache whose refs, snapshots and links were changed: never a model
+    outside the repository's own cache folder."""
+    with tempfile.TemporaryDirectory(prefix="shrinkit-prop-") as d:
+        work = Path(d)
+        cache, outside = _hub_layout(work, parent)
+        op, revision = hub_mutation(data.draw, cache, outside)
+        what = [f"hub {op} {revision!r}"]
+        rec = work / "r.yaml"
+        rec.write_text(yaml.safe_dump(HALF_RECIPE))
+        before = walk(work)
+        out = work / "out"
+        args = ["subclone", "org/tiny", "-r", rec, "-o", out, "-q", "--no-verify", "--json"]
+        res = invoke(args + (["--revision", revision] if revision is not None else []),
+                     env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+        rc = res.exit_code
+        STATS[rc] += 1
+        assert rc in (0, 2, 3), (rc, res.output, what)
+        if rc != 0:
+            error_ok(res, what)
+            assert walk(work) == before, ("something changed on error", what)
+            return
+        KINDS["0 ok"] += 1
+        assert {k: v for k, v in walk(work).items() if k != "out" and not k.startswith("out/")} == before, what
+        j = json.loads(res.stdout)
+        real_cache = os.path.realpath(cache / "models--org--tiny")
+        assert os.path.realpath(j["parent"]["path"]).startswith(real_cache + os.sep), (j["parent"], what)
+        assert json.loads((out / "config.json").read_text()).get("rms_norm_eps") != 0.123, what
+        model_ok(out)
+
+
+# -- image processor configs
+
+PRE_KEYS = ("size", "crop_size", "do_resize", "do_center_crop", "image_mean", "image_std", "rescale_factor",
+            "do_rescale", "do_normalize", "resample", "do_convert_rgb")
+
+
+@pytest.fixture(scope="module")
+def vit_parent(tmp_path_factory) -> Path:
+    return planted.vit(tmp_path_factory.mktemp("prop-vit") / "parent").path
+
+
+@settings(**CLASS_SETTINGS)
+@given(data=st.data())
+def test_mutated_image_processor_config(vit_parent, data):
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="shrinkit-prop-") as d:
+        work = Path(d)
+        p = work / "parent"
+        shutil.copytree(vit_parent, p)
+        pp = p / "preprocessor_config.json"
+        pre = json.loads(pp.read_text())
+        what = []
+        for _ in range(data.draw(st.sampled_from([1, 1, 2, 3]), label="mutations")):
+            k = data.draw(st.sampled_from(PRE_KEYS), label="key")
+            op = data.draw(st.sampled_from(["near", "value", "delete"]), label="op")
+            if op == "delete":
+                pre.pop(k, None)
+            else:
+                cur = pre.get(k)
+                pre[k] = data.draw(near(cur) if op == "near" and cur is not None and not isinstance(cur, (dict, float))
+                                   else SMALL, label="value")
+            what.append(f"preprocessor {k} {op}")
+        if data.draw(st.integers(0, 9), label="raw") == 0:
+            pp.write_bytes(data.draw(st.binary(max_size=30)))
+            what.append("preprocessor raw")
+        else:
+            pp.write_text(json.dumps(pre))
+        images = work / "images"
+        images.mkdir()
+        sizes = data.draw(st.lists(st.sampled_from([(40, 30), (40, 30), (32, 32), (50, 20)]), min_size=1, max_size=4))
+        for i, s in enumerate(sizes):
+            Image.new("RGB", s, (30 * i % 255, 80, 160)).save(images / f"i{i}.png")
+        src = data.draw(st.sampled_from(["builtin", str(images), "random_pixels"]), label="data")
+        rec = work / "r.yaml"
+        rec.write_text(yaml.safe_dump({"target": {"intermediate_size": 96}, "stages": [
+            {"rank_neurons": {"method": "activation", "calibration": {"data": src, "samples": 3}}},
+            {"slice_embeddings": {}}]}))
+        before = walk(work)
+        out = work / "out"
+        res = invoke(["subclone", p, "-r", rec, "-o", out, "-q", "--no-verify", "--json"])
+        rc = res.exit_code
+        STATS[rc] += 1
+        assert rc in (0, 2, 3), (rc, res.output, what)
+        if rc != 0:
+            error_ok(res, what)
+            assert walk(work) == before, ("something changed on error", what)
+            return
+        KINDS["0 ok"] += 1
+        assert {k: v for k, v in walk(work).items() if k != "out" and not k.startswith("out/")} == before, what
+        model_ok(out, "AutoModel")
+
+
+# -- MoE routing fields
+
+MOE_KEYS = {"mixtral": ("num_experts_per_tok", "num_local_experts"),
+            "qwen2_moe": ("num_experts_per_tok", "num_experts", "decoder_sparse_step", "mlp_only_layers",
+                          "norm_topk_prob")}
+
+
+@pytest.fixture(scope="module")
+def moe_parents(tmp_path_factory) -> dict:
+    from test_moe import real_parent
+
+    d = tmp_path_factory.mktemp("prop-moe")
+    return {t: real_parent(d / t, t) for t in MOE_KEYS}
+
+
+@settings(**CLASS_SETTINGS)
+@given(data=st.data())
+def test_mutated_moe_routing(moe_parents, data):
+    with tempfile.TemporaryDirectory(prefix="shrinkit-prop-") as d:
+        work = Path(d)
+        t = data.draw(st.sampled_from(sorted(MOE_KEYS)), label="family")
+        p = work / "parent"
+        shutil.copytree(moe_parents[t], p)
+        cfg = json.loads((p / "config.json").read_text())
+        what = [t]
+        for _ in range(data.draw(st.sampled_from([1, 1, 2]), label="mutations")):
+            k = data.draw(st.sampled_from(MOE_KEYS[t]), label="key")
+            cur = cfg.get(k)
+            cfg[k] = data.draw(st.one_of(near(cur), SMALL) if cur is not None else SMALL, label="value")
+            what.append(f"config {k}")
+        (p / "config.json").write_text(json.dumps(cfg))
+        target = data.draw(st.sampled_from([{}, {"num_experts": 4}, {"num_experts": 2, "num_experts_per_tok": 1},
+                                            {"expert_intermediate_size": 16}]), label="target")
+        rec = work / "r.yaml"
+        rec.write_text(yaml.safe_dump({"target": target, "stages": [{"rank_neurons": {"method": "magnitude"}},
+                                                                     {"slice_embeddings": {}}]}))
+        before = walk(work)
+        out = work / "out"
+        res = invoke(["subclone", p, "-r", rec, "-o", out, "-q", "--no-verify", "--json"])
+        rc = res.exit_code
+        STATS[rc] += 1
+        assert rc in (0, 2, 3), (rc, res.output, what)
+        if rc != 0:
+            error_ok(res, what)
+            assert walk(work) == before, ("something changed on error", what)
+            return
+        KINDS["0 ok"] += 1
+        assert {k: v for k, v in walk(work).items() if k != "out" and not k.startswith("out/")} == before, what
+        model_ok(out)

@@ -222,7 +222,7 @@ def _allowed_roots(root: Path) -> list[str]:
     return roots
 
 
-def _inside(root: Path, rel: str, what: str) -> Path:
+def _inside(root: Path, rel: str, what: str | None) -> Path:
     if (not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel
             or ".." in Path(rel).parts):
         raise ParentError(f"{what} names shard {rel!r}, which is not a plain relative file name inside the parent "
@@ -230,6 +230,9 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     p = (root / rel)
     real = os.path.realpath(p)
     if not any(os.path.commonpath([r, real]) == r for r in _allowed_roots(root)):
+        if what is None:
+            raise ParentError(f"{rel} in {root} links to {real}, outside the parent folder; refusing to follow it "
+                              "(copy the file into the folder)")
         raise ParentError(f"{what} names shard {rel!r}, which lies outside the parent folder; refusing to follow it")
     return p
 
@@ -305,7 +308,10 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     cfg = _load_json(cfg_path, "config")
     tensors: dict[str, TensorInfo] = {}
     for s in shards:
-        fp = _inside(root, s, "model.safetensors.index.json") if weight_map else root / s
+        # every weight file of a folder parent, indexed or alone, must really live in the folder
+        # (or its Hugging Face cache repository's blobs/); a file named directly is the user's choice
+        fp = _inside(root, s, "model.safetensors.index.json" if weight_map else None) \
+            if weights_path.is_dir() else root / s
         if not fp.is_file():
             raise ParentError(f"shard {s} named by the index is missing from {root}; re-download it")
         header, _meta, start = read_header(fp, s)

@@ -7,6 +7,7 @@ their shard one at a time, so memory holds one tensor, never a shard. Files are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -77,17 +78,25 @@ class ShardedWriter:
         self._file = None
         self._shard = -1
         self.total_size = sum(e.nbytes for e in entries)
+        self.files: dict[str, dict] = {}   # file name -> {"size", "sha256"}, hashed as it is written
+        self._hash = None
+
+    def _put(self, b) -> None:
+        self._file.write(b)
+        self._hash.update(b)
 
     def _open(self, si: int) -> None:
         self._close()
         self._shard = si
         self._file = open(self.folder / self.names[si], "wb")
-        self._file.write(header_bytes(self.shards[si], self.metadata))
+        self._hash = hashlib.sha256()
+        self._put(header_bytes(self.shards[si], self.metadata))
 
     def _close(self) -> None:
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self.files[self.names[self._shard]] = {"size": self._file.tell(), "sha256": self._hash.hexdigest()}
             self._file.close()
             self._file = None
 
@@ -107,7 +116,7 @@ class ShardedWriter:
         if n > self._left:
             raise RuntimeError(f"writer got {n - self._left} bytes too many for {self._order[self._pos][1].name}")
         if n:
-            self._file.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            self._put(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
         self._left -= n
 
     def end(self) -> None:
@@ -128,7 +137,8 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {e.name: self.names[si] for si, sh in enumerate(self.shards) for e in sh}}
             index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            from ..childfiles import write_bytes
+            write_bytes(self.folder / INDEX, (json.dumps(index, indent=2) + "\n").encode(), self.files)
         return list(self.names)
 
     def abort(self) -> None:

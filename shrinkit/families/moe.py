@@ -34,6 +34,39 @@ class MoE(Llama):
     gate_up: tuple[str, str] = ("gate_proj", "up_proj")   # per-expert tensors stacked as gate_up_proj
     down: str = "down_proj"                               # per-expert tensor stacked as down_proj
 
+    # ---- routing fields, checked with the shapes (inspect, plan and subclone refuse them alike)
+    def check_config(self, cfg: dict, where: str = "config.json") -> None:
+        """Besides the shape keys: the router picks `num_experts_per_tok` of the experts, so it
+        may not exceed them; `decoder_sparse_step` is a positive integer and `mlp_only_layers`
+        lists layer indices; `norm_topk_prob` is a bool. ParentError (exit 3) naming the field."""
+        super().check_config(cfg, where)
+        from ..errors import ParentError
+
+        for canon in ("num_experts", "num_experts_per_tok", "expert_intermediate_size",
+                      "shared_expert_intermediate_size"):   # transformers takes no default for a null
+            key = self.config_key(cfg, canon) if self.keys.get(canon) else None
+            if key and cfg.get(key) is None:
+                raise ParentError(f"{where}: field {key} is missing or null; a {self.name} config needs it "
+                                  "(the router and the experts are sized by it); fix the parent's config")
+        k_key, e_key = self.config_key(cfg, "num_experts_per_tok"), self.config_key(cfg, "num_experts")
+        k, e = cfg.get(k_key), cfg.get(e_key)
+        if k is not None and e is not None and k > e:
+            raise ParentError(f"{where}: field {k_key} is {k}, more than the {e} experts ({e_key}) the router picks "
+                              "from; fix the parent's config")
+        layers = cfg.get(self.config_key(cfg, "num_hidden_layers"))
+        step = cfg.get("decoder_sparse_step")
+        if "decoder_sparse_step" in cfg and (type(step) is not int or not 0 < step <= max(1, layers)):
+            raise ParentError(f"{where}: field decoder_sparse_step must be a positive integer of at most the "
+                              f"{layers} layers, not {step!r}; fix the parent's config")
+        only = cfg.get("mlp_only_layers")
+        if only is not None and (not isinstance(only, list) or len(only) > layers
+                                 or any(type(i) is not int or not 0 <= i < layers for i in only)):
+            raise ParentError(f"{where}: field mlp_only_layers must list layer indices in [0, {layers}), not "
+                              f"{str(only)[:60]}; fix the parent's config")
+        ntp = cfg.get("norm_topk_prob")
+        if "norm_topk_prob" in cfg and not isinstance(ntp, bool):
+            raise ParentError(f"{where}: field norm_topk_prob must be true or false, not {ntp!r}; fix the parent's config")
+
     # ---- calibration: the router's name on disk, and transformers' stacked expert parameters
     # assembled from the per-expert tensors
     def checkpoint_name(self, param: str):

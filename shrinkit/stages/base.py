@@ -45,6 +45,7 @@ class Context:
     checks: object = None          # shrinkit.preflight.Checks: resolved specs, token windows, verification
     calib: dict = field(default_factory=dict)   # spec json -> calibration statistics (one pass per spec)
     written: list = field(default_factory=list)  # the child tensors, once written
+    files: dict = field(default_factory=dict)    # child file -> {"size", "sha256"}, recorded as written
     layers_chosen: bool = False    # a stage has chosen the child's layers (ranking then sees only those)
 
     @property

@@ -48,7 +48,7 @@ from .slice import slice_blocks
 
 class Heal(Strict):
     """Least-squares refit of every kept block's attention and MLP output projections."""
-    alpha: float = Field(1e-2, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
+    alpha: float = Field(1e-2, gt=0, le=1e6)      # ridge lambda = alpha x mean diagonal of the Gram matrix
     weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
     when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
     calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration

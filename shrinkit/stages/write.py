@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import threading
 from pathlib import Path
 
@@ -38,8 +37,10 @@ def child_blocks(plan: Plan, ct, ckpt: Checkpoint):
         yield t[r0:r0 + step].contiguous()
 
 
-def write_child(ckpt: Checkpoint, plan: Plan, max_shard_size, tmp: Path, progress, written: list) -> dict:
-    """Slice and write every child tensor into `tmp`, then its config and the tokenizer files."""
+def write_child(ckpt: Checkpoint, plan: Plan, max_shard_size, tmp: Path, progress, written: list,
+                files: dict) -> dict:
+    """Slice and write every child tensor into `tmp`, then its config and the tokenizer files; each
+    file's size and sha256 go to `files` as it is written (shrinkit.childfiles)."""
     cts = plan.child_tensors(ckpt)
     writer = ShardedWriter(tmp, [Entry(c.name, c.dtype, c.shape) for c in cts], parse_size(max_shard_size))
     if progress is not None:
@@ -87,13 +88,15 @@ def write_child(ckpt: Checkpoint, plan: Plan, max_shard_size, tmp: Path, progres
         raise
     for p in set(plan.replaced.values()):  # heal's scratch files: not part of the child
         Path(p).unlink(missing_ok=True)
+    from ..childfiles import copy_file, write_bytes
+    files.update(writer.files)
     cfg = plan.child_config(ckpt.config)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_bytes(tmp / "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(), files)
     src = ckpt.config_path.parent
     for fn in TOKENIZER_FILES:
         for d in dict.fromkeys((ckpt.root, src)):
             if (d / fn).is_file():
-                shutil.copyfile(d / fn, tmp / fn)
+                copy_file(d / fn, tmp / fn, files)
                 break
     written.extend(cts)
     return {"shards": shards, "bytes": writer.total_size}
@@ -109,7 +112,7 @@ class WriteStage(Stage):
     def run(self, cfg, ctx: Context) -> dict:
         ctx.selected()
         return write_child(ctx.ckpt, ctx.plan, ctx.recipe.output.max_shard_size, ctx.scratch, ctx.progress,
-                           ctx.written)
+                           ctx.written, ctx.files)
 
 
 STAGE = WriteStage()
