@@ -150,6 +150,9 @@ class SliceEmbeddings(Strict):
 class Heal(Strict):
     """Least-squares refit of every kept block's attention and MLP output projections."""
     alpha: float = Field(1e-2, gt=0)              # ridge lambda = alpha x mean diagonal of the Gram matrix
+    # each refitted projection stays within max_change x its selected weights' norm:
+    # ||W - W0||_F <= max_change ||W0||_F (lambda raised per projection until it holds); null: unbounded
+    max_change: Optional[float] = Field(0.5, gt=0, le=100, allow_inf_nan=False)
     weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
     when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
     calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
