@@ -75,12 +75,14 @@ def test_planted_parent_stays_exact(tmp_path, kind):
     ref = logits(pl.path, ids, cls)
     assert rel_err(logits(tmp_path / "child", ids, cls), ref) < 1e-4
 
-    assert 3 not in pl.dead_layers
-    live = [0, 1, 2]  # drops the live layer 3
+    x = min(i for i in range(1, 4) if i not in pl.dead_layers)
+    live = [i for i in range(4) if i != x]  # drops a live layer (the dead one is kept: its zero
+    # projections would stay zero under the default max_change)
     res = run(pl.path, tmp_path / "neg", target=target,
               stages=[RANK, {"drop_layers": {"keep": live}}, HEAL, {"slice_embeddings": {}}, {"rescale_norms": {}}])
-    last = heal_report(res)[-1]
-    assert last["residual_rel_err"][0] > 1e-2 and last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    rep = heal_report(res)
+    assert max(layer["residual_rel_err"][0] for layer in rep) > 1e-2
+    assert any(layer["residual_rel_err"][1] < 0.9 * layer["residual_rel_err"][0] for layer in rep)
     assert rel_err(logits(tmp_path / "neg", ids, cls), ref) > 1e-3
 
 
