@@ -102,7 +102,8 @@ import yaml  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
-ALL_ARMS = ("activation", "activation-heal", "rotate", "magnitude", "weight-selection", "random")
+ALL_ARMS = ("activation", "activation-heal", "activation-heal-unbounded", "rotate", "magnitude", "weight-selection",
+            "random")
 LM_ARMS = ALL_ARMS  # --arms picks a subset
 ROTATED = ("rotate",)  # untied head: more parameters; refused for LayerNorm families (MiniLM)
 T0 = time.perf_counter()
@@ -161,7 +162,8 @@ LOAD_S = 2.5  # loading (or initializing) a child, per run
 SAFETY_S = 75.0  # quick/full budget: kept free for writing results and for timing noise (runs measured ~3 % over estimate)
 
 
-def lm_recipes(target: dict, calib: dict, drop: str = "middle", heal_alpha: float | None = None) -> dict[str, dict]:
+def lm_recipes(target: dict, calib: dict, drop: str = "middle", heal_alpha: float | None = None,
+               heal_max_change: float | None = None) -> dict[str, dict]:
     """The recipes of the subcloned arms; `drop` is the drop_layers strategy of every arm but
     weight-selection (which keeps the first layers, as its paper does)."""
     def rec(rank: dict, drop: str, rescale: bool, dtype="float32"):
@@ -172,11 +174,14 @@ def lm_recipes(target: dict, calib: dict, drop: str = "middle", heal_alpha: floa
         return {"target": dict(target), "stages": stages, "output": {"dtype": dtype}, "seed": 0}
 
     act = rec({"method": "activation", "calibration": calib}, drop, True)
-    heal = {"heal": {"calibration": calib, **({"alpha": heal_alpha} if heal_alpha is not None else {})}}
+    heal = {"heal": {"calibration": calib, **({"alpha": heal_alpha} if heal_alpha is not None else {}),
+                     **({"max_change": heal_max_change} if heal_max_change is not None else {})}}
+    free = {"heal": {**heal["heal"], "max_change": None}}  # the fit before max_change (unbounded)
     rot = {"rotate_hidden": {"calibration": calib}}
     recipes = {
         "activation": act,
         "activation-heal": {**act, "stages": act["stages"][:2] + [heal] + act["stages"][2:]},
+        "activation-heal-unbounded": {**act, "stages": act["stages"][:2] + [free] + act["stages"][2:]},
         "rotate": {**act, "stages": act["stages"][:2] + [rot, {"slice_embeddings": {}}]},
         "magnitude": rec({"method": "magnitude"}, drop, True),
         "weight-selection": rec({"method": "uniform"}, "first", False),
@@ -366,9 +371,13 @@ def perplexity(model, windows: torch.Tensor, bs: int, device) -> float:
     return math.exp(min(nll / n, 700))
 
 
+WARMUP_STEPS: int | None = None  # --warmup-steps: linear warmup over this many updates (0: none) instead of WARMUP_FRAC
+
+
 def lr_at(step: int, steps: int, peak: float) -> float:
-    """LR for update `step` (0-based): linear warmup, then cosine to MIN_LR_FRAC * peak at the last step."""
-    warm = max(1, round(WARMUP_FRAC * steps))
+    """LR for update `step` (0-based): linear warmup, then cosine to MIN_LR_FRAC * peak at the last step.
+    Warmup: WARMUP_FRAC of the steps (at least 1), or WARMUP_STEPS when set (0: the first update is at the peak)."""
+    warm = max(1, round(WARMUP_FRAC * steps)) if WARMUP_STEPS is None else WARMUP_STEPS
     if step < warm:
         return peak * (step + 1) / warm
     t = (step - warm) / max(1, steps - 1 - warm)
@@ -523,7 +532,9 @@ def markdown(R: dict) -> str:
                  + "; ".join(f"{x['what']} {x['load_start']:.1f}-{x['load_end']:.1f}" for x in R["load_average"]))
     if "lm" in R:
         lm = R["lm"]
-        L.append("\n## 1. SmolLM2-135M-Instruct -> 40M child, trained on Shakespeare\n")
+        pname = "Gemma 3 270M" if c.get("parent") == "gemma3" else "SmolLM2-135M-Instruct"
+        warm_txt = f"{WARMUP_FRAC:.0%}" if c.get("warmup_steps") is None else f"{c['warmup_steps']} steps"
+        L.append(f"\n## 1. {pname} -> {lm['params'] / 1e6:.0f}M child, trained on Shakespeare\n")
         shape = json.dumps(c.get("lm_shape", c["lm_target"]))
         if c.get("lm_budget"):
             shape += f" (solved by shrinkit for target {json.dumps(c['lm_target'])}, {c['lm_budget']['off']} off)"
@@ -533,12 +544,13 @@ def markdown(R: dict) -> str:
                  f"{c['seq_len']} tokens ({c['steps'] * c['batch'] * c['seq_len']:,} tokens = "
                  f"{c['steps'] * c['batch'] * c['seq_len'] / lm['train_tokens_total']:.2f} epochs of shakespeare_train's "
                  f"{lm['train_tokens_total']:,}), same seeded batch order for every arm; AdamW "
-                 f"betas {BETAS}, weight decay {WEIGHT_DECAY} (matrices), clip {CLIP}, warmup {WARMUP_FRAC:.0%} then "
+                 f"betas {BETAS}, weight decay {WEIGHT_DECAY} (matrices), clip {CLIP}, warmup "
+                 f"{warm_txt} then "
                  f"cosine to {MIN_LR_FRAC:.0%} of peak, fp32 on {m['device']}. Held-out perplexity on "
                  f"{c['eval_windows']} fixed windows x {c['seq_len']} tokens per text, at steps {lm['eval_steps']}. "
                  f"Peak LR grid {[fmt_lr(x) for x in c['lrs']]}, best by final shakespeare_heldout perplexity. "
                  f"Measured {lm['timing']['s_per_step']:.2f} s/step, {lm['timing']['s_per_eval']:.2f} s/eval (both texts).")
-        L.append(f"\nParent (reference: the 135M parent as is, not trained here): shakespeare_heldout ppl "
+        L.append(f"\nParent (reference: the {lm['parent_params'] / 1e6:.0f}M parent as is, not trained here): shakespeare_heldout ppl "
                  f"{fmt_ppl(lm['parent_ppl']['shakespeare'])}, pydoc_heldout ppl {fmt_ppl(lm['parent_ppl']['pydoc'])}.\n")
         L.append("| arm | how | subclone s | kept layers | best LR | shakespeare ppl init | shakespeare ppl final "
                  "| pydoc ppl init | pydoc ppl final |")
@@ -656,7 +668,7 @@ def plot(R: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lm = R["lm"]
-    colors = {"activation": "tab:red", "activation-heal": "tab:purple", "rotate": "tab:green", "rotate-heal": "tab:olive",
+    colors = {"activation": "tab:red", "activation-heal": "tab:purple", "activation-heal-unbounded": "tab:brown", "rotate": "tab:green", "rotate-heal": "tab:olive",
               "magnitude": "tab:orange", "weight-selection": "tab:blue", "random": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     cap = 1e6  # points above are drawn at the cap (their value is in the legend)
@@ -682,7 +694,8 @@ def plot(R: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     c = R["config"]
-    fig.suptitle(f"SmolLM2-135M -> {lm['params'] / 1e6:.1f}M child, {R['mode']} mode: {c['steps']} steps x "
+    pname = "Gemma 3 270M" if c.get("parent") == "gemma3" else "SmolLM2-135M"
+    fig.suptitle(f"{pname} -> {lm['params'] / 1e6:.1f}M child, {R['mode']} mode: {c['steps']} steps x "
                  f"{c['batch']} x {c['seq_len']} tokens (thin lines: other LRs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -722,14 +735,25 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", help=f"comma-separated LM arms out of {','.join(ALL_ARMS)} (random is always run unless --no-random)")
     ap.add_argument("--heal-alpha", type=float, help="the heal stage's alpha in the activation-heal arm "
                     "(ridge lambda = alpha x mean diagonal of the Gram matrix; default: the stage's)")
+    ap.add_argument("--heal-max-change", type=float, help="the heal stage's max_change in the activation-heal arm "
+                    "(default: the stage's; the activation-heal-unbounded arm has none)")
+    ap.add_argument("--warmup-steps", type=int, help=f"linear warmup over this many updates, 0 for none "
+                    f"(default: {WARMUP_FRAC:.0%} of the steps, at least 1)")
+    ap.add_argument("--parent", choices=("smollm2", "gemma3"), default="smollm2",
+                    help="the LM parent (bench/assets.py): SmolLM2-135M-Instruct (default) or Gemma 3 270M")
+    ap.add_argument("--skip-parent-ppl", action="store_true",
+                    help="do not measure the parent's perplexity (reported as nan): for grids split across runs")
+    ap.add_argument("--results-name", default="results",
+                    help="file name stem of results .json/.md (curves: <stem>-curves.png unless 'results')")
     ap.add_argument("--lock", type=Path, help="flock this file for the subclones and for each training run "
                     "(released in between, so one run holds it for minutes, not the whole benchmark)")
     ap.add_argument("--no-random", action="store_true",
                     help="do not train the random arm (no speed-up against random; the comparison against "
                          "the activation arm remains)")
     args = ap.parse_args(argv)
-    global LOCK
+    global LOCK, WARMUP_STEPS
     LOCK = args.lock
+    WARMUP_STEPS = args.warmup_steps
     if args.arms:
         pick = set(args.arms.split(",")) | ({"random"} if not args.no_random else set())
         if pick - set(ALL_ARMS):
@@ -769,18 +793,20 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     R: dict = {"mode": mode, "command": command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(device), "out": str(out)}
-    R["config"] = {**cfg, "arms": list(LM_ARMS), "device": device, "tf32": device.startswith("cuda"), "warmup_frac": WARMUP_FRAC, "min_lr_frac": MIN_LR_FRAC,
+    R["config"] = {**cfg, "arms": list(LM_ARMS), "device": device, "tf32": device.startswith("cuda"), "warmup_frac": WARMUP_FRAC,
+                   "warmup_steps": WARMUP_STEPS, "parent": args.parent, "heal_max_change": args.heal_max_change,
+                   "min_lr_frac": MIN_LR_FRAC,
                    "weight_decay": WEIGHT_DECAY, "betas": BETAS, "clip": CLIP}
 
     def save():
         R["timings"] = timings
         R["load_average"] = LOADS
         R["wall_s"] = time.perf_counter() - T0
-        (out / "results.json").write_text(json.dumps(R, indent=1) + "\n")
+        (out / f"{args.results_name}.json").write_text(json.dumps(R, indent=1) + "\n")
 
     t = time.perf_counter()
     texts = {k: str(v) for k, v in assets.text().items()}
-    parent = assets.smollm2() if not args.skip_lm else None
+    parent = (assets.gemma3() if args.parent == "gemma3" else assets.smollm2()) if not args.skip_lm else None
     timings["assets"] = time.perf_counter() - t
 
     # ---- subclone the LM arms first (their cost is fixed), then the MiniLM part, then size training
@@ -794,10 +820,10 @@ def main(argv=None) -> int:
         R["config"]["lm_recipe"] = os.path.relpath(args.recipe.resolve(), ROOT)
         calib = {"samples": cfg["calib_samples"], "seq_len": cfg["calib_seq_len"]}
         children, sub_s = {}, {}
-        for arm, recipe in lm_recipes(target, calib, drop, args.heal_alpha).items():
+        for arm, recipe in lm_recipes(target, calib, drop, args.heal_alpha, args.heal_max_change).items():
             if arm in LM_ARMS:
                 with locked(f"subclone {arm}"):
-                    children[arm], sub_s[arm] = subclone(parent, recipe, f"smollm2-{arm}", work, device,
+                    children[arm], sub_s[arm] = subclone(parent, recipe, f"{args.parent}-{arm}", work, device,
                                                          reuse=args.reuse_children)
         rep0 = json.loads((next((children[a] for a in children if a not in ROTATED), next(iter(children.values())))
                             / "shrinkit_report.json").read_text())
@@ -832,7 +858,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         from transformers import AutoModelForCausalLM
         pm = AutoModelForCausalLM.from_pretrained(str(parent), dtype=torch.float32, attn_implementation="sdpa").to(device)
-        parent_ppl = {k: perplexity(pm, w, cfg["eval_batch"], device) for k, w in evalsets.items()}
+        parent_ppl = {k: (perplexity(pm, w, cfg["eval_batch"], device) if not args.skip_parent_ppl else float("nan"))
+                      for k, w in evalsets.items()}
         parent_params = sum(p.numel() for p in pm.parameters())
         del pm
         timings["parent perplexity"] = time.perf_counter() - t
@@ -908,6 +935,7 @@ def main(argv=None) -> int:
         R["lm"] = lm
         hows = {"activation": f"activation ranking, drop {drop}, rescale norms",
                 "activation-heal": f"activation ranking, drop {drop}, heal, rescale norms",
+                "activation-heal-unbounded": f"activation ranking, drop {drop}, heal (max_change: null), rescale norms",
                 "rotate": f"activation ranking (ffn, heads), drop {drop}, rotate_hidden (PCA), untied head",
                 "magnitude": f"magnitude ranking, drop {drop}, rescale norms",
                 "weight-selection": f"uniform selection, first {R['config']['lm_shape']['num_hidden_layers']} layers, no rescale",
@@ -971,7 +999,7 @@ def main(argv=None) -> int:
             lm["vs_activation_per_lr"] = per
         save()
         try:
-            plot(R, out / "curves.png")
+            plot(R, out / ("curves.png" if args.results_name == "results" else f"{args.results_name}-curves.png"))
         except ImportError:
             log("matplotlib is not installed (make bench-setup); no curves.png")
 
@@ -979,7 +1007,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out / "children", ignore_errors=True)
     save()
     md = markdown(R)
-    (out / "results.md").write_text(md)
+    (out / f"{args.results_name}.md").write_text(md)
     log(f"done in {(time.perf_counter() - T0) / 60:.1f} min; wrote {out}/results.json, results.md, curves.png")
     print()
     print(md)

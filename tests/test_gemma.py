@@ -232,3 +232,27 @@ def test_layer_types_from_the_pattern_follow_the_kept_layers(model_type, pattern
     assert out["layer_types"] == [types[i] for i in (0, 2, 5, 7)]
     cfg["layer_types"] = list(reversed(types))
     assert fam.child_config(cfg, child, [0, 7], "float32")["layer_types"] == [types[7], types[0]]
+
+
+@pytest.mark.parametrize("max_change", [None, 0.5])
+def test_gemma3_heal_keeps_a_planted_cut_exact(tmp_path, parent, max_change):
+    """Gemma 3's sandwich norms: heal fits the down projection's output that the post-feedforward
+    norm maps onto the target. A planted cut stays exact; a live layer dropped instead (negative
+    control) is fitted (its residual error goes down) but not exact."""
+    pl = parent("gemma3_text")
+    heal = {"heal": {"calibration": CALIB, "max_change": max_change}}
+    st = act_stages()
+    st = st[:2] + [heal] + st[2:]
+    res = run(pl.path, tmp_path / "child", target=TARGET, stages=st)
+    layers = next(s for s in res.report["stages"] if s["stage"] == "heal")["layers"]
+    assert len(layers) == 3
+    for layer in layers:
+        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-5, layer
+    ids = tokens(96)
+    ref = logits(pl.path, ids)
+    assert rel_err(logits(tmp_path / "child", ids), ref) < 1e-4
+    st = [s if "drop_layers" not in s else {"drop_layers": {"keep": [0, 2, 3]}} for s in st]  # drops live layer 1
+    res = run(pl.path, tmp_path / "neg", target=TARGET, stages=st)
+    first = next(s for s in res.report["stages"] if s["stage"] == "heal")["layers"][0]
+    assert first["residual_rel_err"][0] > 1e-2 and first["residual_rel_err"][1] < 0.9 * first["residual_rel_err"][0]
+    assert rel_err(logits(tmp_path / "neg", ids), ref) > 1e-3

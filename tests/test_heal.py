@@ -75,12 +75,14 @@ def test_planted_parent_stays_exact(tmp_path, kind):
     ref = logits(pl.path, ids, cls)
     assert rel_err(logits(tmp_path / "child", ids, cls), ref) < 1e-4
 
-    assert 3 not in pl.dead_layers
-    live = [0, 1, 2]  # drops the live layer 3
+    x = min(i for i in range(1, 4) if i not in pl.dead_layers)
+    live = [i for i in range(4) if i != x]  # drops a live layer (the dead one is kept: its zero
+    # projections would stay zero under the default max_change)
     res = run(pl.path, tmp_path / "neg", target=target,
               stages=[RANK, {"drop_layers": {"keep": live}}, HEAL, {"slice_embeddings": {}}, {"rescale_norms": {}}])
-    last = heal_report(res)[-1]
-    assert last["residual_rel_err"][0] > 1e-2 and last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    rep = heal_report(res)
+    assert max(layer["residual_rel_err"][0] for layer in rep) > 1e-2
+    assert any(layer["residual_rel_err"][1] < 0.9 * layer["residual_rel_err"][0] for layer in rep)
     assert rel_err(logits(tmp_path / "neg", ids, cls), ref) > 1e-3
 
 
@@ -126,6 +128,8 @@ def test_heal_when_auto_skips_an_uncut_child(tmp_path):
     ([{"heal": {}}, {"rank_neurons": {}}, {"slice_embeddings": {}}], "rank_neurons must come before heal"),
     ([{"heal": {"alpha": 0}}, {"slice_embeddings": {}}], "greater than 0"),
     ([{"heal": {"weight": "abs"}}, {"slice_embeddings": {}}], "weight"),
+    ([{"heal": {"max_change": 0}}, {"slice_embeddings": {}}], "greater than 0"),
+    ([{"heal": {"max_change": float("inf")}}, {"slice_embeddings": {}}], "max_change"),
 ])
 def test_heal_recipe_errors(stages, msg):
     with pytest.raises((RecipeError, ValueError)) as e:
@@ -215,18 +219,24 @@ def test_dual_fit_of_an_exact_child_is_zero():
     assert f.dual and before == 0.0 and after == 0.0 and not D.any()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_dual_form_keeps_identity_and_planted_children_exact(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("kind,max_change", [("llama", None), ("gpt2", None), ("llama", 0.5), ("gpt2", 0.05)])
+def test_dual_form_keeps_identity_and_planted_children_exact(tmp_path, kind, max_change, monkeypatch):
     """32 calibration tokens, fewer than every fitted projection's inputs: every fit takes the
-    dual form; nothing cut stays unchanged, a planted cut stays exact, a live layer dropped
-    (negative control) is fitted but not exact."""
+    dual form (the bounded fit's too: its eigendecomposition is of the tokens x tokens matrix);
+    nothing cut stays unchanged, a planted cut stays exact, a live layer dropped (negative
+    control) is fitted but not exact."""
     from shrinkit.stages import heal as heal_mod
 
     calls = []
-    orig = heal_mod.Fit._solve_dual
-    monkeypatch.setattr(heal_mod.Fit, "_solve_dual", lambda self, a: calls.append(self.k) or orig(self, a))
+    if max_change is None:
+        orig = heal_mod.Fit._solve_dual
+        monkeypatch.setattr(heal_mod.Fit, "_solve_dual", lambda self, a: calls.append(self.k) or orig(self, a))
+    else:
+        orig = heal_mod.Fit._solve_bounded
+        monkeypatch.setattr(heal_mod.Fit, "_solve_bounded",
+                            lambda self, a, m: (calls.append(self.k) if self.dual else None) or orig(self, a, m))
     pl, target, cls = make(kind, tmp_path)
-    few = {"heal": {"calibration": FEW}}
+    few = {"heal": {"calibration": FEW, "max_change": max_change}}
     res = run(pl.path, tmp_path / "same", stages=[RANK, few, {"slice_embeddings": {}}])
     assert len(calls) == 2 * 4 and min(calls) > 32
     for layer in heal_report(res):
@@ -246,5 +256,101 @@ def test_dual_form_keeps_identity_and_planted_children_exact(tmp_path, kind, mon
     res = run(pl.path, tmp_path / "neg", target=target,
               stages=[RANK, {"drop_layers": {"keep": [0, 1, 2]}}, few, {"slice_embeddings": {}}, {"rescale_norms": {}}])
     last = heal_report(res)[-1]
-    assert last["residual_rel_err"][0] > 1e-2 and last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    assert last["residual_rel_err"][0] > 1e-2
+    if max_change is None:
+        assert last["residual_rel_err"][1] < last["residual_rel_err"][0]
+    else:  # the kept layer is the planted dead one: its projections are zero (llama) or only a bias
+        # (gpt2), which a relative bound keeps zero or nearly so
+        assert last["mlp_fit"]["change"] <= max_change * (1 + 1e-5)
+        assert last["residual_rel_err"][1] <= last["residual_rel_err"][0]
     assert rel_err(logits(tmp_path / "neg", ids, cls), ref) > 1e-3
+
+
+# ------------------------------------------------------------------ the bounded fit (max_change)
+@pytest.mark.parametrize("f64_max", [4096, 10])
+def test_bounded_fit_is_the_ridge_fit_at_its_lambda(f64_max, monkeypatch):
+    """Bounded: ||Delta|| lands on the bound (from below) and Delta is the float64 ridge solution
+    at the lambda the fit chose, with the reported error; a bound the ridge fit already meets
+    changes nothing (lambda stays alpha x mean diag); in both forms, with the eigendecomposition
+    in float64 and (f64_max 10) in float32."""
+    from shrinkit.stages import heal as heal_mod
+
+    monkeypatch.setattr(heal_mod, "EIGH_F64_MAX", f64_max)
+    tol = 5e-3 if f64_max > 1000 else 2e-2
+    for n, n_in, bias in [(32, 224, True), (300, 64, False)]:
+        fits, D64, after64 = _fits(n, n_in, 16, bias)
+        X, R, w = _rows(n, n_in, 16, bias)
+        for form in ("streamed", "stored"):
+            f = _fits(n, n_in, 16, bias)[0][form]
+            D, _, after = f.solve(1e-3, max_norm=10 * float(D64.norm()))
+            assert not f.info["bounded"] and f.info["lambda_rel"] == pytest.approx(1e-3)
+            assert float((D.double() - D64).norm() / D64.norm()) < tol and after == pytest.approx(after64, rel=tol / 2)
+            bound = 0.3 * float(D64.norm())
+            f = _fits(n, n_in, 16, bias)[0][form]
+            D, before, after = f.solve(1e-3, max_norm=bound)
+            assert f.info["bounded"] and f.info["lambda_rel"] > 1e-3
+            assert 0.999 * bound <= float(D.double().norm()) <= bound
+            G = X.T @ X
+            lam = f.info["lambda_rel"] * float(G.diagonal().mean())
+            ref = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=torch.float64), X.T @ R)
+            assert float((D.double() - ref).norm() / ref.norm()) < tol, form
+            err = float((R - X @ D.double()).pow(2).sum() / R.pow(2).sum()) ** 0.5
+            assert after == pytest.approx(err, rel=tol / 2) and after64 < after < before
+
+
+def _rows(n, n_in, n_out, bias, seed=0):
+    """The weighted rows _fits feeds (float64): X (with the bias column), R."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g) @ torch.randn(8, n_in, generator=g) + 0.1 * torch.randn(n, n_in, generator=g)
+    R = torch.randn(n, n_out, generator=g)
+    w = torch.rand(n, generator=g) + 0.5
+    Xa = X.double() * w.double()[:, None]
+    if bias:
+        Xa = torch.cat([Xa, w.double()[:, None]], 1)
+    return Xa, R.double() * w.double()[:, None], w
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_max_change_bounds_every_refit_on_a_live_cut(tmp_path, kind):
+    """A live cut (nothing planted dead) healed with max_change 0.05: every refitted projection
+    (weight and bias) stays within 0.05 x the selected one (the un-healed child's, same recipe
+    without heal), the report says which fits the bound set and how much each changed, and the
+    errors still go down. Negative control: unbounded (max_change: null), some projection moves
+    further than that."""
+    if kind == "gpt2":
+        pl = planted.gpt2(tmp_path / "live", dead_ffn=0, dead_layers=())
+        target = dict(intermediate_size=224, num_hidden_layers=2)
+    else:
+        pl = planted.llama_like(tmp_path / "live", *(("qwen2",) if kind == "qwen2" else ()), dead_hidden=0, dead_ffn=0,
+                                dead_kv=0, dead_layers=(), **(dict(tie=True, attention_bias=True) if kind == "qwen2" else {}))
+        target = dict(LLAMA_CUT, num_hidden_layers=2)
+    stages = [RANK, {"drop_layers": {"strategy": "middle"}}, {"slice_embeddings": {}}, {"rescale_norms": {}}]
+    run(pl.path, tmp_path / "plain", target=target, stages=stages)
+    sel = weights(tmp_path / "plain")
+    projs = [k for k in sel if k.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight", "c_proj.bias"))]
+    assert len(projs) >= 4
+
+    def change(path):  # per projection: ||[W; b] - [W0; b0]|| / ||[W0; b0]||
+        w, out = weights(path), {}
+        for k in projs:
+            base = k.rsplit(".", 1)[0]
+            out[base] = out.get(base, (0.0, 0.0))
+            d2, n2 = out[base]
+            out[base] = (d2 + float((w[k].double() - sel[k].double()).pow(2).sum()), n2 + float(sel[k].double().pow(2).sum()))
+        return {b: (d2 / n2) ** 0.5 for b, (d2, n2) in out.items()}
+
+    res = run(pl.path, tmp_path / "bounded", target=target,
+              stages=stages[:2] + [{"heal": {"calibration": CALIB, "max_change": 0.05}}] + stages[2:])
+    ch = change(tmp_path / "bounded")
+    assert max(ch.values()) <= 0.05 * (1 + 1e-5), ch
+    rep = heal_report(res)
+    assert any(layer[f]["bounded"] for layer in rep for f in ("attn_fit", "mlp_fit"))
+    for layer in rep:
+        for f in ("attn_fit", "mlp_fit"):
+            assert layer[f]["change"] <= 0.05 * (1 + 1e-5) and layer[f]["lambda_rel"] >= 1e-2 * (1 - 1e-6)
+        for key in ("attn_rel_err", "residual_rel_err"):
+            assert layer[key][1] <= layer[key][0] + 1e-9, layer
+    assert max(layer["residual_rel_err"][0] - layer["residual_rel_err"][1] for layer in rep) > 1e-3
+    run(pl.path, tmp_path / "free", target=target,
+        stages=stages[:2] + [{"heal": {"calibration": CALIB, "max_change": None}}] + stages[2:])
+    assert max(change(tmp_path / "free").values()) > 0.06

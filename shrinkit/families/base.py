@@ -64,6 +64,9 @@ class Block:
     down_proj: str | None = None    # the MLP output projection (writes into the residual stream)
     # post-norm blocks: the norm whose input is the residual stream (its output is the block's)
     residual_norm: str | None = None
+    # sandwich-norm blocks (Gemma 2/3): the norm applied to down_proj's output before it is added
+    # to the residual stream (heal fits the projection's output that this norm maps onto the target)
+    down_norm: str | None = None
     # non-causal models: how verification pools a sequence into one embedding ("mean" over the
     # positions, or "first": the CLS position after final_norm), the keyword that feeds a model
     # its inputs, and extra keywords for every child forward call

@@ -13,6 +13,7 @@ The embedding and head compensation is exact and applies whenever the hidden siz
 or without a rescale_norms stage); only the norms' factor f is rescale_norms' choice.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -142,7 +143,8 @@ gemma2 = Gemma(
     write_head_dim=True,
     block=Block("AutoModelForCausalLM", "model", "layers",
                 observe={S.Q_HEADS: "self_attn.o_proj", S.FFN: "mlp.down_proj"},
-                final_norm="norm", head="lm_head", causal=True, attn="eager"),  # soft-capping: no sdpa
+                final_norm="norm", head="lm_head", causal=True, attn="eager",  # soft-capping: no sdpa
+                out_proj="self_attn.o_proj", down_proj="mlp.down_proj", down_norm="post_feedforward_layernorm"),
     notes="Gemma's rules plus sandwich norms (pre/post attention and feedforward), attention and final "
           "logit soft-capping, sliding/global `layer_types` cut with the layers",
     extra={"sliding_pattern": 2},
@@ -159,7 +161,8 @@ gemma3_text = Gemma3(
     norm="rms",
     tie_default=True,
     write_head_dim=True,
-    block=BLOCK,
+    block=dataclasses.replace(BLOCK, out_proj="self_attn.o_proj", down_proj="mlp.down_proj",
+                              down_norm="post_feedforward_layernorm"),
     notes="Gemma 2's rules plus q/k norms, local and global rotary bases per layer type (Gemma3ForCausalLM)",
     extra={"sliding_pattern": 6},
 )

@@ -49,11 +49,15 @@ from .slice import slice_blocks
 class Heal(Strict):
     """Least-squares refit of every kept block's attention and MLP output projections."""
     alpha: float = Field(1e-2, gt=0, le=1e6)      # ridge lambda = alpha x mean diagonal of the Gram matrix
+    # each refitted projection stays within max_change x its selected weights' norm:
+    # ||W - W0||_F <= max_change ||W0||_F (lambda raised per projection until it holds); null: unbounded
+    max_change: Optional[float] = Field(0.5, gt=0, le=100, allow_inf_nan=False)
     weight: Literal["rms", "none"] = "rms"        # per-token weight: 1 / RMS of the parent's residual
     when: Literal["always", "auto"] = "always"    # auto: only when layers are dropped and there is calibration text
     calibration: Optional[Calibration] = None   # default: the recipe's top-level calibration
 
 FIT_BLOCK_BYTES = 4 << 20  # float32 bytes of the token, column or row blocks a fit is solved in
+EIGH_F64_MAX = 4096  # a bounded fit decomposes its Gram matrix in float64 up to this many inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +170,12 @@ class Fit:
         self.e0 += float(rw.pow(2).sum(dtype=torch.float64))
         self.ref += float((ref.reshape(-1, ref.shape[-1]).float() * w).pow(2).sum(dtype=torch.float64))
 
-    def solve(self, alpha: float) -> tuple[torch.Tensor, float, float]:
+    def solve(self, alpha: float, max_norm: float | None = None) -> tuple[torch.Tensor, float, float]:
         """(Delta [in (+1), out], relative error before, after). lambda = alpha * mean diag(G).
-        The system is factorized in place (it is not needed afterwards)."""
+        The system is factorized in place (it is not needed afterwards). With max_norm, lambda is
+        raised (never lowered) until ||Delta||_F <= max_norm (`bounded`)."""
+        if max_norm is not None:
+            return self._solve_bounded(alpha, max_norm)
         if self.dual:
             return self._solve_dual(alpha)
         if self.stored:  # G = X^T X and E = X^T R from the stored rows, a block of tokens at a time
@@ -201,6 +208,98 @@ class Fit:
             del d
         del A, L
         after = self.e0 - de - lam * dd
+        ref = max(self.ref, 1e-300)
+        return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
+
+    def _gram(self) -> None:
+        """G = X^T X and E = X^T R from the stored rows, a block of tokens at a time."""
+        X, R = self.X[:self.rows], self.R[:self.rows]
+        self.G = torch.zeros(self.k, self.k, dtype=torch.float32, device=X.device)
+        self.E = torch.zeros(self.k, self.n_out, dtype=torch.float32, device=X.device)
+        step = max(1, FIT_BLOCK_BYTES // (4 * self.k))
+        for t0 in range(0, len(X), step):
+            xt = X[t0:t0 + step]
+            self.G.addmm_(xt.T, xt)
+            self.E.addmm_(xt.T, R[t0:t0 + step])
+        self.X = self.R = None
+
+    def _solve_bounded(self, alpha: float, max_norm: float) -> tuple[torch.Tensor, float, float]:
+        """The ridge fit with its correction bounded: the smallest lambda >= alpha * mean diag(G)
+        with ||Delta(lambda)||_F <= max_norm (the Tikhonov form of the norm-constrained least
+        squares problem min ||X (W0 + Delta) - Y|| s.t. ||Delta||_F <= max_norm). One
+        eigendecomposition (of G, in x in, or in the dual form of X X^T, tokens x tokens) makes
+        ||Delta||_F a closed form in lambda, solved by bisection in log lambda; Delta is scaled
+        onto the bound at the end, so the bound holds exactly whatever the rounding. Also records
+        `self.info`: lambda / mean diag(G), the condition number of G, ||Delta||_F."""
+        if self.dual:
+            X, R = self.X[:self.rows], self.R[:self.rows]
+            dt = torch.float64 if len(X) <= EIGH_F64_MAX else torch.float32
+            K = torch.zeros(len(X), len(X), dtype=dt, device=X.device)
+            step = max(1, FIT_BLOCK_BYTES // (4 * max(len(X), 1)))
+            for c0 in range(0, self.k, step):
+                xc = X[:, c0:c0 + step].to(dt)
+                K.addmm_(xc, xc.T)
+            mean_diag = float(K.diagonal().sum()) / self.k  # trace(X X^T) = trace(X^T X)
+            s, U = torch.linalg.eigh(K)
+            del K
+            s = s.double()
+            P = (U.T @ R.to(dt)).double()  # the targets in K's eigenbasis
+        else:
+            if self.stored:
+                self._gram()
+            mean_diag = float(self.G.diagonal().mean())
+            # float64 up to EIGH_F64_MAX inputs; above, float32 (one more in x in float32 matrix at the peak)
+            s, U = torch.linalg.eigh(self.G.double() if self.k <= EIGH_F64_MAX else self.G)
+            self.G = None
+            s, U = s.double(), U.double() if self.k <= EIGH_F64_MAX else U
+            P = (U.T @ self.E.to(U.dtype)).double()  # X^T R in G's eigenbasis
+            self.E = None
+        s = s.clamp_min(0.0)
+        p2 = P.pow(2).sum(1)  # per eigendirection
+        # ||Delta||^2: primal sum p2 / (s + lam)^2; dual sum s p2 / (s + lam)^2 (Delta = X^T C)
+        num = p2 * s if self.dual else p2
+
+        def norm2(lam: float) -> float:
+            return float((num / (s + lam).pow(2)).sum())
+
+        max_norm = max_norm * (1 - 1e-5)  # room for float32 rounding: the stored change stays within the bound
+        if max_norm <= 0:  # a projection whose selected weights are all zero stays zero
+            self.X = self.R = None
+            self.info = {"lambda_rel": math.inf, "bounded": True, "delta_norm": 0.0, "cond": None}
+            ref = max(self.ref, 1e-300)
+            return torch.zeros(self.k, self.n_out, dtype=torch.float32, device=s.device), (self.e0 / ref) ** 0.5, (self.e0 / ref) ** 0.5
+        lam = lam0 = max(alpha * mean_diag, 1e-12)
+        if norm2(lam) > max_norm ** 2:
+            lo, hi = lam, lam * 2
+            while norm2(hi) > max_norm ** 2 and hi < 1e300:
+                lo, hi = hi, hi * 4
+            for _ in range(60):  # bisection in log lambda: 2^-60 of the bracket's log width
+                mid = math.sqrt(lo * hi)
+                lo, hi = (mid, hi) if norm2(mid) > max_norm ** 2 else (lo, mid)
+            lam = hi
+        C = P / (s + lam)[:, None]  # in the eigenbasis
+        if self.dual:
+            D = torch.empty(self.k, self.n_out, dtype=torch.float32, device=X.device)
+            Cc = (U @ C.to(U.dtype)).float()
+            step = max(1, FIT_BLOCK_BYTES // (4 * max(len(X), 1)))
+            for c0 in range(0, self.k, step):  # Delta = X^T C, a row block at a time
+                torch.mm(X[:, c0:c0 + step].T, Cc, out=D[c0:c0 + step])
+            self.X = self.R = None
+        else:
+            D = (U @ C.to(U.dtype)).float()
+        n = float(D.double().norm())
+        c = min(1.0, max_norm / n) if n > 0 else 1.0  # rounding: onto the bound (a shorter step
+        if c < 1.0:                                    # along the fit lowers the error too)
+            D.mul_(c)
+            n = float(D.double().norm())
+        if self.dual:  # Y - X (W0 + c Delta) = (1 - c) R + c lambda C (K C = R - lambda C), U square
+            after = float(((1 - c) * P + c * lam * C).pow(2).sum())
+        else:  # e0 - 2 <c Delta, E> + <c Delta, G c Delta>, in the eigenbasis
+            after = self.e0 - float((2 * c * C * P - c * c * s[:, None] * C * C).sum())
+        smin, smax = (float(s[0]), float(s[-1])) if len(s) else (1.0, 1.0)
+        self.info = {"lambda_rel": lam / max(mean_diag, 1e-300), "bounded": lam > lam0, "delta_norm": n,
+                     # G's condition number (None: rank-deficient, fewer tokens than inputs)
+                     "cond": smax / smin if smin > 1e-12 * smax else None}
         ref = max(self.ref, 1e-300)
         return D, (self.e0 / ref) ** 0.5, (max(after, 0.0) / ref) ** 0.5
 
@@ -307,6 +406,7 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     hp = pm.embed(ids, spec.batch_size)
     hc = cm.embed(ids, spec.batch_size)
     post = ad.residual_norm  # post-norm families: the residual is this norm's input
+    dnorm = getattr(ad, "down_norm", None)  # sandwich norms: down_proj's output is normalized first
     step = min(pm.micro(spec.batch_size, ids.shape[1]), cm.micro(spec.batch_size, ids.shape[1]))
     nl = len(pm.layers)
     layers = list(plan.layers)
@@ -347,6 +447,10 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         if post:
             hooks.append(layer.get_submodule(post).register_forward_pre_hook(
                 lambda m, a: cap.__setitem__("pre", a[0])))
+        if dnorm:  # sandwich norms: the projection's output and the norm's output
+            hooks.append(d.register_forward_hook(lambda m, a, out: cap.__setitem__("d_out", out)))
+            hooks.append(layer.get_submodule(dnorm).register_forward_hook(
+                lambda m, a, out: cap.__setitem__("n_out", out)))
         try:
             with torch.no_grad():
                 for s in range(0, len(hc), step):
@@ -358,7 +462,11 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                         if post:  # the norm's input that gives the parent's output, near the child's own
                             res = cap["pre"]
                             target = _unnorm(layer.get_submodule(post), target, res)
-                        w = _rms_weight(target if post else hp[s:s + step].to(dev), weighted)
+                        elif dnorm:  # the projection's output whose norm adds what the residual lacks
+                            res = cap["d_out"].float()
+                            want = target - (y.float() - cap["n_out"].float())
+                            target = _unnorm_rms(layer.get_submodule(dnorm), want, res)
+                        w = _rms_weight(target if (post or dnorm) else hp[s:s + step].to(dev), weighted)
                         fit_down.add(cap["d_in"], target - res, w, ref=target)
                     if update:
                         hc[s:s + step] = y
@@ -407,7 +515,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
 
         run_parent(p, parent_chunk)
         nxt = p + 1
-        D, *e_o = fo.solve(stage.alpha)
+        D, *e_o = fo.solve(stage.alpha, _max_norm(o, stage))
+        fit_o = _fit_info(fo, D, o)
         del fo
         _apply(o, D, ad.in_first, child_dtypes(ad.out_proj))
         del D
@@ -433,7 +542,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         lazy.update(cm.load_lazily(rest))
         pm.clear_buffers()
         trim()
-        D, *e_d = fd.solve(stage.alpha)
+        D, *e_d = fd.solve(stage.alpha, _max_norm(d, stage))
+        fit_d = _fit_info(fd, D, d)
         del fd
         _apply(d, D, ad.in_first, child_dtypes(ad.down_proj))
         del D
@@ -459,12 +569,58 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         trim()  # the freed child block's small pieces leave holes in the heap otherwise (shrinkit.malloc)
         report.append({"layer": k, "parent_layer": p,
                        "attn_rel_err": [round(e_o[0], 6), round(e_o[1], 6)],
-                       "residual_rel_err": [round(e_d[0], 6), round(e_d[1], 6)]})
+                       "residual_rel_err": [round(e_d[0], 6), round(e_d[1], 6)],
+                       "attn_fit": fit_o, "mlp_fit": fit_d})
     while nxt < nl:  # pragma: no cover - the last kept layer already ran the parent to the end
         run_parent(nxt)
         nxt += 1
     plan.replaced.update(replaced)
-    return {"alpha": stage.alpha, "weight": stage.weight, "calibration": spec.model_dump(), "layers": report}
+    return {"alpha": stage.alpha, "max_change": stage.max_change, "weight": stage.weight,
+            "calibration": spec.model_dump(), "layers": report}
+
+
+def _selected_norm(mod: torch.nn.Module) -> float:
+    """||[W0; b0]||_F of a projection before its fit (the selected weights and bias)."""
+    n2 = float(mod.weight.double().pow(2).sum())
+    if mod.bias is not None:
+        n2 += float(mod.bias.double().pow(2).sum())
+    return math.sqrt(n2)
+
+
+def _max_norm(mod: torch.nn.Module, stage) -> float | None:
+    """The bound on a projection's correction: max_change x the selected weights' norm (None: unbounded)."""
+    mc = getattr(stage, "max_change", None)
+    return None if mc is None else mc * _selected_norm(mod)
+
+
+def _fit_info(fit: Fit, D: torch.Tensor, mod: torch.nn.Module) -> dict:
+    """What the report says of one fit: ||Delta|| / ||W0|| (the relative change of the
+    projection), and for a bounded fit lambda / mean diag(G), G's condition number and whether
+    the bound was what set lambda."""
+    w0 = _selected_norm(mod)
+    out = {"change": round(float(D.double().norm()) / max(w0, 1e-300), 6)}
+    info = getattr(fit, "info", None)
+    if info is not None:
+        lr = info["lambda_rel"]
+        out.update(lambda_rel=float(f"{lr:.4g}") if math.isfinite(lr) else None, bounded=bool(info["bounded"]),
+                   cond=None if info["cond"] is None else float(f"{info['cond']:.4g}"))
+    return out
+
+
+def _unnorm_rms(norm: torch.nn.Module, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm input u* whose normalized output points along v (the norm's output is
+    u / rms(u) x g, so only v's direction per token is reachable), at the per-token RMS of u
+    (the child's current input; v / g itself where u is 0): u* = rms(u) x (v / g) / rms(v / g). Exact whenever v is an
+    output of that norm. g is read off the module (its output for an all-ones input, whatever
+    its parametrization: w or 1 + w); where g is ~0 that dim keeps u."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    ones = torch.ones((1, u.shape[-1]), dtype=next(norm.parameters()).dtype, device=u.device)
+    g = norm(ones).float().reshape(-1) * math.sqrt(1.0 + eps)
+    ok = g.abs() > 1e-6
+    q = torch.where(ok, v / torch.where(ok, g, torch.ones_like(g)), u)
+    rms = lambda t: t.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+    ru, rq = rms(u), rms(q).clamp_min(1e-30)
+    return torch.where(ru > 1e-30, q * (ru / rq), q)  # a token the projection writes nothing for: v / g
 
 
 def _unnorm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
