@@ -255,6 +255,7 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
     fam.check_config(ckpt.config, str(ckpt.config_path))
     dims = fam.dims(ckpt.config)
     check_tensors(fam, dims, ckpt)
+    fam.check_layout(ckpt.config, list(ckpt.tensors), ckpt.config_path.name)
     return fam, dims
 
 

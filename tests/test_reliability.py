@@ -320,6 +320,9 @@ def _moe(tmp_path, model_type: str, **cfg_changes) -> Path:
     ("qwen2_moe", {"num_experts": None}, "num_experts is missing or null"),
     ("qwen2_moe", {"decoder_sparse_step": None}, "decoder_sparse_step"),
     ("qwen3_moe", {"norm_topk_prob": None}, "norm_topk_prob"),
+    ("qwen2_moe", {"mlp_only_layers": []}, "layer 1 holds no expert tensors"),     # the parent's layer 1 is dense
+    ("qwen3_moe", {"decoder_sparse_step": 1}, "layer 0 holds no expert tensors"),  # its layers 0 and 2 are dense
+    ("qwen2_moe", {"mlp_only_layers": [0, 1]}, "layer 0 holds expert tensors"),
 ])
 def test_moe_routing_fields_checked_with_the_parent(tmp_path, write_recipe, model_type, change, needle):
     p = _moe(tmp_path, model_type, **change)
@@ -335,7 +338,10 @@ def test_moe_routing_fields_checked_with_the_parent(tmp_path, write_recipe, mode
 
 
 def test_moe_routing_control(tmp_path, write_recipe):
-    p = _moe(tmp_path, "qwen2_moe", num_experts_per_tok=6, mlp_only_layers=[0, 3], decoder_sparse_step=2)
+    p = _moe(tmp_path, "qwen2_moe", num_experts_per_tok=6, norm_topk_prob=True)
+    assert cli("inspect", p).exit_code == 0
+    # the same layout said the other way: dense layers 0 and 2 by list instead of by step
+    p = _moe(tmp_path / "b", "qwen3_moe", mlp_only_layers=[0, 2], decoder_sparse_step=1)
     assert cli("inspect", p).exit_code == 0
 
 

@@ -263,6 +263,10 @@ class Family:
         from ..text import has_tokenizer
         return bool(tokenizer) or has_tokenizer(root)
 
+    def check_layout(self, cfg: dict, names, where: str = "config.json") -> None:
+        """Before any work, after the shapes: what the config says each layer holds against the
+        tensor names (ParentError, exit 3). Most families have nothing to add."""
+
     def check_data(self, data: str) -> None:
         """Before any work: the calibration data names something this family can read
         (RecipeError, exit 2)."""

@@ -67,6 +67,35 @@ class MoE(Llama):
         if "norm_topk_prob" in cfg and not isinstance(ntp, bool):
             raise ParentError(f"{where}: field norm_topk_prob must be true or false, not {ntp!r}; fix the parent's config")
 
+    def check_layout(self, cfg: dict, names, where: str = "config.json") -> None:
+        """Each layer's FFN is experts where the config makes it sparse (transformers' rule: not
+        in `mlp_only_layers` and (i + 1) a multiple of `decoder_sparse_step`) and a dense MLP
+        elsewhere; a checkpoint whose tensors say otherwise would load with missing weights."""
+        from ..errors import ParentError
+
+        n = cfg.get(self.config_key(cfg, "num_hidden_layers"))
+        only = set(cfg.get("mlp_only_layers") or [])
+        step = cfg.get("decoder_sparse_step") or 1
+        experts, dense = set(), set()
+        pe = re.compile(rf"(?:^|\.)layers\.(\d+)\.{re.escape(self.moe)}\.experts\.")
+        pd = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight$")
+        for name in names:
+            if m := pe.search(name):
+                experts.add(int(m.group(1)))
+            elif m := pd.search(name):
+                dense.add(int(m.group(1)))
+        for i in range(n):
+            sparse = i not in only and (i + 1) % step == 0
+            if sparse and i not in experts:
+                raise ParentError(f"layer {i} holds no expert tensors, but {where} (mlp_only_layers "
+                                  f"{sorted(only)}, decoder_sparse_step {step}) makes it a sparse MoE layer; the "
+                                  "checkpoint does not match its config")
+            if not sparse and (i in experts or i not in dense):
+                what = "expert tensors" if i in experts else "no dense MLP tensors"
+                raise ParentError(f"layer {i} holds {what}, but {where} (mlp_only_layers {sorted(only)}, "
+                                  f"decoder_sparse_step {step}) makes it a dense layer; the checkpoint does not "
+                                  "match its config")
+
     # ---- calibration: the router's name on disk, and transformers' stacked expert parameters
     # assembled from the per-expert tensors
     def checkpoint_name(self, param: str):
