@@ -137,7 +137,8 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
         plan = Plan(fam, pdims, dims, torch.float32, cast=False)
         plan.rotate, plan.untie = rotate, rotate and fam.tied(ckpt.config)
         if drop is not None and drop.strategy != "importance":
-            plan.layers = keep_layers(drop, pdims.num_hidden_layers, dims.num_hidden_layers)
+            plan.layers = keep_layers(drop, pdims.num_hidden_layers, dims.num_hidden_layers,
+                                      depths=(pdims.depths, dims.depths))
         else:
             plan.layers = list(range(dims.num_hidden_layers))
         select(plan, "first", None, plan.layers, 0)

@@ -413,6 +413,8 @@ class BlockModel:
         """Push all activations through every block, one block resident at a time (in place).
         With `observe_n`, only the first observe_n samples are observed (the rest, e.g. held-out
         windows riding along with the calibration pass, only flow through)."""
+        if self.family.staged:  # activations change shape from stage to stage: the family runs them
+            return self.family.run_stages(self, h, batch, observe, progress, observe_n)
         step = self.micro(batch, h.shape[1])
         n_obs = len(h) if observe_n is None else observe_n
         ranges = [(a, min(a + step, n_obs)) for a in range(0, n_obs, step)]
@@ -574,7 +576,7 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
                        sum(bm._layer_bytes(i) for i in range(len(bm.layers))))
     h = bm.embed(ids, spec.batch_size)
     obs = Observer(bm, plan.parent, len(bm.layers))
-    bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
+    h = bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
     st = obs.finish()
     if extra_ids is not None:
         st.extra_final = activation_buffer(tuple(h[n:].shape), scratch)

@@ -22,7 +22,7 @@ from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import Entry, ShardedWriter
 from .errors import RecipeError, UsageError
 from .families import family_for
-from .families.spaces import GLOBAL, LAYER, Space
+from .families.spaces import GLOBAL, LAYER, STAGE, Space
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
 from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, parent_params, resolve_target
@@ -103,7 +103,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if spaces_to_rank(plan) - ({Space.HIDDEN} if plan.rotate else set()) and recipe.stage("rank_neurons") is None:
         raise RecipeError("the target narrows the model, but the pipeline has no rank_neurons stage; add one")
     if drop is not None and drop.strategy != "importance":
-        plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers)
+        plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers, depths=(pdims.depths, child.depths))
     else:  # importance: calibration picks them later; the first N stand in for the config check
         plan.layers = list(range(child.num_hidden_layers))
     rescale = recipe.stage("rescale_norms")
@@ -297,7 +297,8 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 influence = layer_influence(_calibration(ckpt, plan, spec, recipe.seed, progress, opts,
                                                          calib, tmp))
                 info["influence"] = [round(x, 6) for x in influence]
-                plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
+                plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence,
+                                          depths=(plan.parent.depths, plan.child.depths))
             dropped = True
         if name in ("rotate_hidden", "heal"):  # the spec preflight resolved (top-level block, clamped seq_len)
             stage = stage.model_copy(update={"calibration": opts["checks"].specs.get(name)
@@ -570,6 +571,10 @@ def kept_report(plan: Plan) -> dict:
             k = plan.kept.get((sp, None))
             out[sp.name] = k.tolist() if k is not None else (
                 "rotated" if sp is Space.HIDDEN and plan.rotation is not None else "all")
+            continue
+        if sp.per == STAGE:
+            d = {str(s): plan.kept[(sp, s)].tolist() for s in range(len(plan.parent.depths or ())) if (sp, s) in plan.kept}
+            out[sp.name] = d or "all"
             continue
         d = {}
         for ci, p in enumerate(plan.layers):

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..families.spaces import EXPERT, GLOBAL, HEAD, LAYER, SPACES, Fused, Space
-from ..plan import Plan, match_rule, tensor_key
+from ..families.spaces import EXPERT, GLOBAL, HEAD, LAYER, SPACES, STAGE, Fused, Space, axis_space, axis_stage
+from ..plan import Plan, match_rule, tensor_key, tensor_stage
 
 CHUNK = 1 << 20  # elements per chunk when reducing a large tensor
 
@@ -54,9 +54,12 @@ def pick(n: int, k: int, method: str, scores: torch.Tensor | None, gen: torch.Ge
 
 
 def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
-    """sum |t| over all other axes, for each axis in `axes` (a 1D or 2D tensor), in float32."""
+    """sum |t| over all other axes, for each axis in `axes`, in float32."""
     if t.dim() == 1:
         return {0: t.float().abs()}
+    if t.dim() > 2 and any(ax != 0 for ax in axes):  # a convolution's input channels (small tensors)
+        a = t.float().abs()
+        return {ax: a.sum([d for d in range(t.dim()) if d != ax]) for ax in axes}
     t2 = t.reshape(t.shape[0], -1)
     rows = torch.empty(t2.shape[0], dtype=torch.float32) if 0 in axes else None
     cols = torch.zeros(t2.shape[1], dtype=torch.float32) if 1 in axes else None
@@ -81,7 +84,7 @@ def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
 def _parts(a, v: torch.Tensor, dims) -> list[tuple[Space, torch.Tensor]]:
     """The per-element sums v along an axis, split into its spaces' parts."""
     if not isinstance(a, Fused):
-        return [(a, v)]
+        return [(axis_space(a), v)]
     if a.layout == "heads":
         per = v.view(-1, len(a.parts), dims.head_dim)
         return [(p, per[:, j].reshape(-1)) for j, p in enumerate(a.parts)]
@@ -104,7 +107,8 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
         rule, m = match_rule(fam, info)
         if rule.drop or not info.dtype.is_floating_point:
             continue
-        layer, expert = tensor_key(rule, m)
+        layer, expert = tensor_key(rule, m, p)
+        stage = tensor_stage(rule, m)
         if layer is not None and layer not in layers:
             continue
         # an expert scores by its own tensors only (below), not by its router row
@@ -131,7 +135,8 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
                 seg = seg / mean if mean > 0 else seg
                 if sp.unit == HEAD:
                     seg = seg.view(-1, p.head_dim).sum(1)
-                add_score(sc, sp, sp.key(layer, expert), seg)
+                st = axis_stage(a, stage, len(p.depths) if p.depths else None)
+                add_score(sc, sp, sp.key(layer, expert, st), seg)
     return sc
 
 
@@ -141,12 +146,30 @@ def spaces_to_rank(plan: Plan) -> set[Space]:
     p, c = plan.parent, plan.child
     need = set()
     for sp in plan.family.spaces():
-        if sp.cut and sp.units(p) is not None and sp.units(c) < sp.units(p):
+        if sp.cut and _narrower(sp, p, c):
             need.add(sp)
     for sp in plan.family.spaces():
         if sp.within is not None and (sp in need or sp.within in need):
             need.update((sp, sp.within))
     return need
+
+
+def _narrower(sp: Space, p, c) -> bool:
+    """Whether the child has fewer units of `sp` than the parent (in any stage, for a space
+    sized per stage)."""
+    a, b = getattr(p, sp.size, None), getattr(c, sp.size, None)
+    if a is None:
+        return False
+    if isinstance(a, tuple):
+        return any(y < x for x, y in zip(a, b))
+    return b < a
+
+
+def _stage_of_key(sp: Space, p, key) -> int | None:
+    """The stage a staged space's kept set belongs to (its key, or its layer's stage)."""
+    if not sp.staged:
+        return None
+    return key if sp.per == STAGE else p.stage_of(key)
 
 
 def _pick_grouped(plan: Plan, sp: Space, inner: Space, key, method: str, sc: Scores, gen) -> None:
@@ -188,11 +211,16 @@ def select(plan: Plan, method: str, scores: Scores | None, layers: list[int], se
         if sp in inner:
             _pick_grouped(plan, sp, inner[sp], key, method, sc, gen)
         else:
-            plan.kept[(sp, key)] = pick(sp.units(p), sp.units(c), method, sc.get((sp, key)), gen)
+            st = _stage_of_key(sp, p, key)
+            plan.kept[(sp, key)] = pick(sp.units(p, st), sp.units(c, st), method, sc.get((sp, key)), gen)
 
     for sp in todo:
         if sp.per == GLOBAL:
             one(sp, None)
+    for sp in todo:
+        if sp.per == STAGE:
+            for st in range(len(p.depths or ())):
+                one(sp, st)
     for layer in layers:
         for sp in todo:
             if sp.per == LAYER:
