@@ -39,7 +39,10 @@ class Dims:
     depths: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if v is not None}
+        # a staged family without attention or vocabulary: its zero heads, head_dim and vocab left out
+        none = ("num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size") if self.depths else ()
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if v is not None and not (k in none and v == 0)}
 
     def layer_offset(self, stage: int) -> int:
         """The first layer of `stage` in the numbering across stages."""
