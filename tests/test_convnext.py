@@ -356,3 +356,14 @@ def test_shipped_convnext_recipe_makes_the_femto_shape():
     child = resolve_target(fam, fam.dims(cfg), r, None)
     assert child.hidden_sizes == (48, 96, 192, 384) and child.depths == (2, 2, 6, 2)
     assert child.intermediate_sizes == (192, 384, 768, 1536)
+
+
+def test_vision_child_is_replaced_with_force(tmp_path):
+    """A vision child holds the parent's preprocessor_config.json (copied with it): --force
+    recognizes the folder as an earlier child and replaces it."""
+    parent = real_parent(tmp_path / "parent")
+    r = _recipe_file(tmp_path, REAL_TARGET)
+    rc, _, err = cli("subclone", parent, "-r", r, "--out", tmp_path / "c")
+    assert rc == 0 and (tmp_path / "c" / "preprocessor_config.json").is_file(), err
+    rc, _, err = cli("subclone", parent, "-r", r, "--out", tmp_path / "c", "--force")
+    assert rc == 0, err
