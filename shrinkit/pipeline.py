@@ -107,7 +107,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     else:  # importance: calibration picks them later; the first N stand in for the config check
         plan.layers = list(range(child.num_hidden_layers))
     rescale = recipe.stage("rescale_norms")
-    if rescale is not None:
+    if rescale is not None and not fam.staged:  # staged: no one factor fits every stage (a no-op there)
         f = rescale.factor if rescale.factor is not None else math.sqrt(pdims.hidden_size / child.hidden_size)
         plan.norm_factor = None if f == 1.0 else f
     if transformers_check:

@@ -367,3 +367,18 @@ def test_vision_child_is_replaced_with_force(tmp_path):
     assert rc == 0 and (tmp_path / "c" / "preprocessor_config.json").is_file(), err
     rc, _, err = cli("subclone", parent, "-r", r, "--out", tmp_path / "c", "--force")
     assert rc == 0, err
+
+
+def test_convnext_rescale_norms_is_a_no_op(tmp_path):
+    """One rescale factor cannot fit stages cut by different ratios: the stage changes nothing
+    (the same tensors as without it) and the report says factor 1."""
+    parent = real_parent(tmp_path / "parent")
+    st = [{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {}}, {"slice_embeddings": {}}]
+    a = run(parent, tmp_path / "a", target=REAL_TARGET, stages=st)
+    b = run(parent, tmp_path / "b", target=REAL_TARGET, stages=st + [{"rescale_norms": {}}])
+    assert b.report["stages"][-1] == {**b.report["stages"][-1], "stage": "rescale_norms", "factor": 1.0}
+    with open_checkpoint(tmp_path / "a") as x, open_checkpoint(tmp_path / "b") as y:
+        assert set(x.tensors) == set(y.tensors)
+        for n in x.tensors:
+            assert torch.equal(x.get(n), y.get(n)), n
+    assert a.report["child"]["params"] == b.report["child"]["params"]

@@ -18,6 +18,9 @@ each neuron's global response by the mean response over the layer's neurons: a c
 that mean, so the child's GRN scale is multiplied by (parent FFN width / child FFN width),
 which makes cutting dead neurons exact up to GRN's 1e-6 epsilon (tests/test_convnext.py).
 
+rescale_norms does nothing here (one factor cannot fit stages cut by different ratios; the
+report gives factor 1).
+
 Calibration and verification run transformers' own stage modules one stage at a time
 (`run_stages`): the activations change shape from stage to stage, so they are not a residual
 stream of one width; the final states are the last stage's spatial mean, which the final
