@@ -4,7 +4,7 @@
 No pretrained ConvNeXt can be had offline (see BENCHMARKS.md), so the parent here has
 ConvNeXt-T's shape (transformers' ConvNextConfig defaults: widths 96, 192, 384, 768, depths
 3, 3, 9, 3, 1000 classes, 28.6M parameters) and transformers' own random init (seed 0), with
-ConvNextImageProcessor's defaults (224 x 224). It measures what the recipe costs on that shape
+convnext-tiny-224's preprocessing (224 x 224 crops). It measures what the recipe costs on that shape
 (64 built-in calibration images for ranking and for per-stage Block Influence, the 20 held-out
 images for verification); its verification numbers compare random weights with random weights
 and say nothing about quality.
@@ -32,10 +32,11 @@ def parent(path: Path, v2: bool) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    cfg = (transformers.ConvNextV2Config if v2 else transformers.ConvNextConfig)()
+    cfg = (transformers.ConvNextV2Config if v2 else transformers.ConvNextConfig)(num_labels=1000)
     cls = transformers.ConvNextV2ForImageClassification if v2 else transformers.ConvNextForImageClassification
     cls(cfg).save_pretrained(path)
-    transformers.ConvNextImageProcessor().save_pretrained(path)
+    # convnext-tiny-224's preprocessing: shortest edge 256, center crop 224 (crop_pct 0.875)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=224 / 256).save_pretrained(path)
     return path
 
 
