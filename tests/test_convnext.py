@@ -382,3 +382,17 @@ def test_convnext_rescale_norms_is_a_no_op(tmp_path):
         for n in x.tensors:
             assert torch.equal(x.get(n), y.get(n)), n
     assert a.report["child"]["params"] == b.report["child"]["params"]
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"hidden_sizes": [16, 24, 40]}, ("hidden_sizes (3 entries) and depths (4)",)),
+    ({"depths": "2,2,3,2"}, ("depths must be a list",)),
+    ({"num_stages": 3}, ("num_stages is 3",)),
+    ({"hidden_sizes": [16, 24, 40, 64]}, ("(stage_hidden", "48, but config.json makes it 64")),
+])
+def test_convnext_bad_parent_config_is_a_one_line_error(tmp_path, change, needles):
+    parent = real_parent(tmp_path / "parent")
+    cfg = json.loads((parent / "config.json").read_text())
+    (parent / "config.json").write_text(json.dumps({**cfg, **change}))
+    assert_failed(cli("subclone", parent, "-r", _recipe_file(tmp_path, {}), "--out", tmp_path / "c"), 3,
+                  tmp_path / "c", *needles)

@@ -126,6 +126,10 @@ class At:
     space: Space
     stage: int | str = "prev"
 
+    def __str__(self) -> str:
+        where = {"prev": "the previous stage", -1: "the last stage"}.get(self.stage, f"stage {self.stage}")
+        return f"{self.space} of {where}"
+
     def resolve(self, stage: int | None, n_stages: int) -> int:
         if self.stage == "prev":
             if stage is None or stage < 1:
