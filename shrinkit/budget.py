@@ -305,7 +305,7 @@ def apply(recipe, solution: Solution):
     return recipe.model_copy(update={"target": tgt})
 
 
-STAGED_MULTIPLE = 16   # staged families: stage widths are multiples of this by default (ConvNeXt-F: 48, 96, ...)
+STAGED_MULTIPLE = 16   # staged families: stage widths are multiples of this by default (48, 96, 192, 384 are)
 WIDTH_STEPS, DEPTH_STEPS = 64, 24
 
 

@@ -396,3 +396,26 @@ def test_convnext_bad_parent_config_is_a_one_line_error(tmp_path, change, needle
     (parent / "config.json").write_text(json.dumps({**cfg, **change}))
     assert_failed(cli("subclone", parent, "-r", _recipe_file(tmp_path, {}), "--out", tmp_path / "c"), 3,
                   tmp_path / "c", *needles)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("v2", [False, True])
+def test_shipped_recipe_on_a_convnext_tiny_shaped_parent(tmp_path, v2):
+    """The shipped recipe end to end at full size (ConvNeXt-T's shape, transformers' random init:
+    no pretrained ConvNeXt is available offline): the ConvNeXt-F-shaped child loads with no
+    missing or unexpected keys, runs on 224 x 224 images, and verification completes."""
+    import transformers
+    from shrinkit.recipe import load_recipe
+    from pathlib import Path
+
+    cfg_cls, cls = classes(v2, True)
+    torch.manual_seed(0)
+    cls(cfg_cls(num_labels=1000)).save_pretrained(tmp_path / "p")
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=224 / 256).save_pretrained(tmp_path / "p")
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "convnext-tiny-to-femto.yaml")
+    res = subclone(tmp_path / "p", r, tmp_path / "c", verify=True)
+    assert res.report["child"]["dims"]["hidden_sizes"] == [48, 96, 192, 384]
+    assert res.report["child"]["dims"]["depths"] == [2, 2, 6, 2]
+    assert res.report["verify"]["status"] == "ok", res.report["verify"]
+    m = load(tmp_path / "c", "AutoModelForImageClassification")
+    assert torch.isfinite(m(pixel_values=planted.pixels(2, 224)).logits).all()
