@@ -105,7 +105,8 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if drop is not None and drop.strategy != "importance":
         plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers, depths=(pdims.depths, child.depths))
     else:  # importance: calibration picks them later; the first N stand in for the config check
-        plan.layers = list(range(child.num_hidden_layers))
+        plan.layers = list(range(child.num_hidden_layers)) if child.depths is None else \
+            [pdims.layer_offset(s) + j for s, d in enumerate(child.depths) for j in range(d)]   # per stage
     rescale = recipe.stage("rescale_norms")
     if rescale is not None and not fam.staged:  # staged: no one factor fits every stage (a no-op there)
         f = rescale.factor if rescale.factor is not None else math.sqrt(pdims.hidden_size / child.hidden_size)
