@@ -34,13 +34,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 CALIB = {"data": "random_tokens", "samples": 16, "seq_len": 64, "batch_size": 8}
+PIXEL_CALIB = {"data": "random_pixels", "samples": 16, "batch_size": 8}
 
 
-def stages(method: str, drop: dict | None) -> list:
+def stages(method: str, drop: dict | None, pixels: bool = False) -> list:
     """rank_neurons by `method`, then drop_layers `drop` (e.g. {"drop": [1]}) if given."""
     rank = {"method": method}
     if method == "activation":
-        rank["calibration"] = CALIB
+        rank["calibration"] = PIXEL_CALIB if pixels else CALIB
     # rescale_norms: exact for RMSNorm families whose targets cut hidden dims; a no-op otherwise
     return ([{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
             + [{"rescale_norms": {}}])
@@ -52,14 +53,27 @@ def planted_error(case, tmp: Path) -> float:
     import planted
     from helpers import logits, run, tokens
 
+    pixels = case.inputs == "pixels"
     pl = case.planted(tmp / "planted")
-    ids = tokens(96)
-    ref = logits(pl.path, ids, case.output_class)
+    ids = planted.pixels() if pixels else tokens(96)
+    out = pixel_outputs if pixels else logits
+    ref = out(pl.path, ids, case.output_class)
     worst = 0.0
     for method in ("magnitude", "activation"):
-        run(pl.path, tmp / f"planted-{method}", target=case.target, stages=stages(method, {"drop": list(case.drop)} if case.drop else None))
-        worst = max(worst, planted.rel_err(logits(tmp / f"planted-{method}", ids, case.output_class), ref))
+        run(pl.path, tmp / f"planted-{method}", target=case.target,
+            stages=stages(method, {"drop": list(case.drop)} if case.drop else None, pixels))
+        worst = max(worst, planted.rel_err(out(tmp / f"planted-{method}", ids, case.output_class), ref))
     return worst
+
+
+def pixel_outputs(path, x, cls):
+    """A vision model's outputs for pixels x: logits, else the pooled output."""
+    import torch
+
+    from helpers import load
+    with torch.no_grad():
+        o = load(path, cls)(pixel_values=x)
+    return o.logits if getattr(o, "logits", None) is not None else o.pooler_output
 
 
 def timed(cmd: list[str], tmp: Path) -> tuple[float, int]:
@@ -90,7 +104,9 @@ def bench(name: str, repeat: int) -> dict:
             rec = tmp / f"{method}.yaml"
             rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
                                            "stages": stages(method, {"strategy": "middle"}
-                                                            if case.real_target.get("num_hidden_layers") else None)}))
+                                                            if case.real_target.get("num_hidden_layers")
+                                                            or case.real_target.get("depths") else None,
+                                                            case.inputs == "pixels")}))
             runs = [timed([sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "-r", str(rec), "--out",
                            str(tmp / f"out-{method}"), "--force", "--no-verify", "--quiet"], tmp) for _ in range(repeat)]
             row[f"{method}_seconds"] = round(statistics.median(t for t, _ in runs), 3)

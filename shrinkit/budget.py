@@ -67,6 +67,8 @@ class Shape:
 
     def label(self) -> str:
         d = self.dims
+        if d.depths is not None:
+            return f"hidden_sizes {list(d.hidden_sizes)}, depths {list(d.depths)}"
         return (f"hidden {d.hidden_size}, ffn {d.intermediate_size}, heads {d.num_attention_heads}/"
                 f"{d.num_key_value_heads} kv, layers {d.num_hidden_layers}")
 
@@ -116,6 +118,8 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
     from .stages import STAGES, Context
 
     t = recipe.target
+    if pdims.depths is not None:
+        return _solve_staged(ckpt, fam, pdims, recipe)
     kind, value = t.budget()
     m = t.multiple_of or DEFAULT_MULTIPLE
     steps = [(STAGES[n], cfg) for n, cfg in recipe.parsed]
@@ -299,3 +303,105 @@ def apply(recipe, solution: Solution):
     """The recipe with the solved dims in its target (the budget kept, for the record)."""
     tgt = recipe.target.model_copy(update={k: v for k, v in solution.target.items() if v is not None})
     return recipe.model_copy(update={"target": tgt})
+
+
+STAGED_MULTIPLE = 16   # staged families: stage widths are multiples of this by default (48, 96, 192, 384 are)
+WIDTH_STEPS, DEPTH_STEPS = 64, 24
+
+
+def _solve_staged(ckpt, fam, P, recipe) -> Solution:
+    """A staged family's budget: one width ratio for every stage (each stage's width its
+    parent's times the ratio, a multiple of `multiple_of`, default 16, or the parent's own) and
+    one depth ratio (each stage keeps round(parent depth x ratio) layers, at least one). Every
+    candidate is counted exactly through the plan; the rule is the same as for flat families,
+    within 1 % of the budget the least |ln d - ALPHA ln w| (w: the geometric mean of the stages'
+    width ratios, d: the ratio of all layers), then the nearest to the budget."""
+    import torch
+
+    from .plan import Plan, count_params, resolve_staged
+    from .ranking import ensure_selected
+    from .stages import STAGES, Context
+
+    t = recipe.target
+    kind, value = t.budget()
+    m = t.multiple_of or STAGED_MULTIPLE
+    steps = [(STAGES[n], cfg) for n, cfg in recipe.parsed]
+    caps = {c for st, _ in steps for c in st.provides}
+    from_lists = next((n for st, cfg in steps if (n := st.child_layers(cfg, P.num_hidden_layers)) is not None), None)
+    listed = next((x for st, cfg in steps if hasattr(st, "listed")
+                   and (x := st.listed(cfg, P.num_hidden_layers)) is not None), None)
+    widths_free = "ranks" in caps and t.hidden_sizes is None
+    layers_free = "drops_layers" in caps and from_lists is None and t.depths is None
+    choosers = [(st, cfg) for st, cfg in steps if "drops_layers" in st.provides]
+
+    def count(hidden: tuple, depths: tuple | None):
+        tgt = t.model_copy(update={"params": None, "params_ratio": None, "non_embedding_params": None,
+                                   "multiple_of": None, "hidden_sizes": list(hidden),
+                                   "depths": None if depths is None else list(depths)})
+        try:
+            dims = resolve_staged(fam, P, recipe.model_copy(update={"target": tgt}), from_lists, listed=listed)
+        except RecipeError:
+            return None
+        plan = Plan(fam, P, dims, torch.float32, cast=False)
+        plan.layers = [P.layer_offset(s) + j for s, d in enumerate(dims.depths) for j in range(d)]
+        for st, cfg in choosers:   # the layers a stage keeps from the recipe alone (not from calibration)
+            st.prepare(cfg, Context(ckpt, recipe, plan=plan))
+        ensure_selected(plan, 0)
+        total = count_params(plan.child_tensors(ckpt))
+        return total, total, dims   # no vocabulary: every parameter is a non-embedding one
+
+    parent_total = count(P.hidden_sizes, P.depths)[0]
+    if kind == "params_ratio":
+        budget, kind = int(round(value * parent_total)), "params"
+    else:
+        budget = int(value)
+    if budget > parent_total * (1 + TOLERANCE):
+        raise RecipeError(f"target {kind} {budget:,} is more than the parent's {parent_total:,} parameters; "
+                          "a child can only be smaller")
+    if widths_free:
+        hiddens = sorted({tuple(min(p, max(m, round(p * k / WIDTH_STEPS / m) * m)) for p in P.hidden_sizes)
+                          for k in range(1, WIDTH_STEPS + 1)} | {tuple(P.hidden_sizes)})
+    else:
+        hiddens = [tuple(t.hidden_sizes or P.hidden_sizes)]
+    if layers_free:
+        depths = sorted({tuple(max(1, round(d * k / DEPTH_STEPS)) for d in P.depths)
+                         for k in range(1, DEPTH_STEPS + 1)})
+    else:
+        depths = [tuple(t.depths) if t.depths is not None else None]
+    shapes = []
+    for h in hiddens:
+        for d in depths:
+            r = count(h, d)
+            if r is None:
+                continue
+            dims = r[2]
+            s = Shape(dims.hidden_size, dims.intermediate_size, None, None, dims.num_hidden_layers, params=r[0],
+                      non_embedding=r[1], exact=True, dims=dims)
+            w = math.exp(sum(math.log(c / p) for c, p in zip(dims.hidden_sizes, P.hidden_sizes)) / len(P.depths))
+            dl = dims.num_hidden_layers / P.num_hidden_layers
+            s.score = round(abs(math.log(dl) - ALPHA * math.log(w)), 9)
+            s.key = (lambda dd=dims: (dd.hidden_sizes, dd.depths))
+            shapes.append(s)
+    if not shapes:
+        raise RecipeError("no child shape satisfies the fixed dims of this target; fix fewer dims")
+    ok = sorted((s for s in shapes if abs(s.params - budget) <= TOLERANCE * budget),
+                key=lambda s: (s.score, abs(s.params - budget)))
+    note = None
+    if ok:
+        chosen, rest = ok[0], ok[1:]
+    else:
+        nearest = sorted(shapes, key=lambda s: abs(s.params - budget))
+        chosen, rest = nearest[0], nearest[1:]
+        smallest = min(shapes, key=lambda s: s.params)
+        if budget < smallest.params * (1 - TOLERANCE) and chosen.params > budget:
+            raise RecipeError(f"target {kind} {budget:,} is unreachable: the smallest child under this recipe's "
+                              f"constraints ({smallest.label()}) has {smallest.params:,} parameters; raise the budget, "
+                              f"lower multiple_of ({m}) or fix fewer dims")
+        note = (f"no shape lands within {100 * TOLERANCE:g}% of {budget:,}: the nearest is "
+                f"{100 * (chosen.params - budget) / budget:+.2f}% off, because stage widths move in steps of "
+                f"multiple_of {m} and depths by whole layers; lower multiple_of or fix fewer dims")
+    alts = [s for s in rest if s.key() != chosen.key()][:3]
+    d = chosen.dims
+    solved = [k for k, free in (("hidden_sizes", widths_free), ("depths", layers_free)) if free]
+    target = {"hidden_sizes": list(d.hidden_sizes), "depths": list(d.depths)}
+    return Solution(kind, budget, chosen, alts, target, note, m, solved)

@@ -140,7 +140,7 @@ def calibrate(ckpt: Checkpoint, plan: Plan, spec: Calibration, *, seed: int = 0,
                        bm.total_bytes())
     h = bm.embed(ids, spec.batch_size)
     obs = Observer(bm, plan.parent, len(bm.layers))
-    bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
+    h = bm.run_layers(h, spec.batch_size, obs, progress, observe_n=n)
     st = obs.finish()
     if extra_ids is not None:
         st.extra_final = bm.stream(tuple(h[n:].shape))

@@ -75,12 +75,15 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     steps = stages_of(recipe)
     n_layers, layers_stage = next(((n, st.name) for st, cfg in steps
                                    if (n := st.child_layers(cfg, pdims.num_hidden_layers)) is not None), (None, None))
+    listed = next((x for st, cfg in steps if hasattr(st, "listed")
+                   and (x := st.listed(cfg, pdims.num_hidden_layers)) is not None), None) \
+        if pdims.depths is not None else None
     solution = None
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
         from .budget import apply, solve
         solution = solve(ckpt, fam, pdims, recipe, ckpt.config.get("model_type"))
     child = resolve_target(fam, pdims, apply(recipe, solution) if solution else recipe, n_layers,
-                           ckpt.config.get("model_type"), layers_stage)
+                           ckpt.config.get("model_type"), layers_stage, listed)
     out_dtype = OUT_DTYPES[recipe.output.dtype] if recipe.output.dtype else parent_dtype(ckpt)
     plan = Plan(fam, pdims, child, out_dtype, cast=recipe.output.dtype is not None)
     if solution is not None:
@@ -90,7 +93,9 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if child.num_hidden_layers < pdims.num_hidden_layers and dropper not in present:
         raise RecipeError(f"the target has {child.num_hidden_layers} of {pdims.num_hidden_layers} layers, "
                           f"but the pipeline has no {dropper} stage; add one")
-    plan.layers = list(range(child.num_hidden_layers))  # the first N until a stage chooses (and for the config check)
+    # the first N until a stage chooses (and for the config check); staged: the first of each stage
+    plan.layers = list(range(child.num_hidden_layers)) if child.depths is None else \
+        [pdims.layer_offset(s) + j for s, d in enumerate(child.depths) for j in range(d)]
     ctx = Context(ckpt, recipe, plan=plan)
     for st, cfg in steps:
         st.prepare(cfg, ctx)

@@ -7,7 +7,7 @@ only the plan, so a plan is the whole description of a child.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,7 +15,7 @@ from .checkpoint.reader import Checkpoint, TensorInfo
 from .errors import ParentError, RecipeError
 from .families import Dims, Family
 from .families.base import OPTIONAL
-from .families.spaces import HEAD, Fused, Rule, Space
+from .families.spaces import HEAD, At, Fused, Rule, Space
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,17 +56,26 @@ class ChildTensor:
     dtype: torch.dtype
     norm: bool
     expert: int | None = None  # parent expert index
+    stage: int | None = None   # stage index (staged families)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def tensor_key(rule: Rule, m) -> tuple[int | None, int | None]:
-    """(parent layer, parent expert) of a matched tensor name (None where the rule has none)."""
+def tensor_key(rule: Rule, m, dims: Dims | None = None) -> tuple[int | None, int | None]:
+    """(parent layer, parent expert) of a matched tensor name (None where the rule has none).
+    A staged family's layer is numbered across stages (with the parent's dims)."""
     layer = int(m.group("layer")) if rule.per_layer else None
     expert = int(m.group("expert")) if rule.per_expert else None
+    if layer is not None and rule.per_stage and dims is not None and dims.depths is not None:
+        layer += dims.layer_offset(int(m.group("stage")))
     return layer, expert
+
+
+def tensor_stage(rule: Rule, m) -> int | None:
+    """The stage of a matched tensor name (None where the rule has none)."""
+    return int(m.group("stage")) if rule.per_stage else None
 
 
 @dataclass
@@ -95,10 +104,11 @@ class Plan:
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- kept indices per (space, key), as element indices along an axis
-    def _kept(self, space: Space, layer: int | None, expert: int | None = None) -> torch.Tensor | None:
+    def _kept(self, space: Space, layer: int | None, expert: int | None = None,
+              stage: int | None = None) -> torch.Tensor | None:
         if not space.cut:
             return None
-        k = self.kept.get((space, space.key(layer, expert)))
+        k = self.kept.get((space, space.key(layer, expert, stage)))
         if k is None or space.unit != HEAD:
             return k
         return expand_heads(k, self.parent.head_dim)
@@ -108,12 +118,17 @@ class Plan:
         k = self.kept.get((Space.EXPERTS, layer))
         return None if k is None else k.tolist()
 
-    def axis_index(self, axis, layer: int | None, size: int, expert: int | None = None) -> Index | None:
-        key = (axis, layer, expert, size)
+    def axis_index(self, axis, layer: int | None, size: int, expert: int | None = None,
+                   stage: int | None = None) -> Index | None:
+        key = (axis, layer, expert, size) if stage is None else (axis, layer, expert, size, stage)
         if key in self._cache:
             return self._cache[key]
         if axis is None:
             out = None
+        elif isinstance(axis, At):
+            st = axis.resolve(stage, len(self.parent.depths or ()))
+            k = self._kept(axis.space, layer, expert, st)
+            out = None if k is None or len(k) == size and bool((k == torch.arange(size)).all()) else Index(k)
         elif isinstance(axis, Fused) and axis.layout == "heads":
             k = self.kept.get((axis.parts[0], axis.parts[0].key(layer, expert)))
             out = None if k is None else Index(expand_heads(k, len(axis.parts) * self.parent.head_dim))
@@ -127,7 +142,7 @@ class Plan:
                 out = Index(torch.cat([(torch.arange(n) if k is None else k) + o
                                        for k, n, o in zip(kept, sizes, offs)]))
         else:
-            k = self._kept(axis, layer, expert)
+            k = self._kept(axis, layer, expert, stage)
             out = None if k is None or len(k) == size and bool((k == torch.arange(size)).all()) else Index(k)
         self._cache[key] = out
         return out
@@ -143,13 +158,19 @@ class Plan:
         fam = self.family
         tied = fam.tied(ckpt.config)
         new_index = {p: i for i, p in enumerate(self.layers)}
+        if self.parent.depths is not None:  # staged: a child layer's number within its stage
+            first: dict[int, int] = {}
+            for i, p in enumerate(self.layers):
+                first.setdefault(self.parent.stage_of(p), i)
+            new_index = {p: i - first[self.parent.stage_of(p)] for i, p in enumerate(self.layers)}
         out = []
         infos = sorted(ckpt.tensors.values(), key=lambda t: (ckpt.shards.index(t.shard), t.begin))
         for info in infos:
             rule, m = match_rule(fam, info)
             if rule.drop or (rule.tied and tied and not self.untie):
                 continue
-            layer, expert = tensor_key(rule, m)
+            layer, expert = tensor_key(rule, m, self.parent)
+            stage = tensor_stage(rule, m)
             renumber = {}
             if layer is not None:
                 if layer not in new_index:
@@ -164,19 +185,19 @@ class Plan:
             name = info.name
             for g in sorted(renumber, key=m.start, reverse=True):  # dropped layers/experts: renumber the rest
                 name = name[: m.start(g)] + str(renumber[g]) + name[m.end(g):]
-            shape = self._shape(rule, info, layer, expert)
+            shape = self._shape(rule, info, layer, expert, stage)
             dtype = self.out_dtype if info.dtype.is_floating_point and self.cast else info.dtype
-            out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm, expert))
+            out.append(ChildTensor(name, info, rule, layer, shape, dtype, rule.norm, expert, stage))
         if self.untie and tied and not any(c.rule.tied for c in out):
             out.append(self._untied_head(ckpt, out))
         return out
 
-    def _shape(self, rule: Rule, info: TensorInfo, layer, expert) -> tuple[int, ...]:
+    def _shape(self, rule: Rule, info: TensorInfo, layer, expert, stage=None) -> tuple[int, ...]:
         if self.rotate:  # the hidden axis is projected, not cut
             return tuple(self.child.hidden_size if a is Space.HIDDEN else
                          (idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
                          for a, s in zip(rule.axes, info.shape))
-        return tuple((idx.length if (idx := self.axis_index(a, layer, s, expert)) is not None else s)
+        return tuple((idx.length if (idx := self.axis_index(a, layer, s, expert, stage)) is not None else s)
                      for a, s in zip(rule.axes, info.shape))
 
     def _untied_head(self, ckpt: Checkpoint, cts: list[ChildTensor]) -> ChildTensor:
@@ -224,7 +245,18 @@ def check_tensors(fam: Family, dims: Dims, ckpt: Checkpoint) -> None:
         if rule.drop:
             continue
         check_fused(fam, dims, info, rule)
-        for ax, (want, n) in enumerate(zip(fam.expected_shape(rule, dims), info.shape)):
+        stage = tensor_stage(rule, m)
+        if stage is not None and not stage < len(dims.depths or ()):
+            raise ParentError(f"tensor {info.name!r} names stage {stage}, but {where} has {len(dims.depths or ())} "
+                              "stages; the checkpoint does not match its config")
+        if stage is not None and rule.per_layer and not int(m.group("layer")) < dims.depths[stage]:
+            raise ParentError(f"tensor {info.name!r} names layer {m.group('layer')} of stage {stage}, but {where} "
+                              f"gives that stage {dims.depths[stage]} layers; the checkpoint does not match its config")
+        try:
+            expected = fam.expected_shape(rule, dims, stage)
+        except ValueError as e:
+            raise ParentError(f"tensor {info.name!r}: {e}; the checkpoint does not match its config") from None
+        for ax, (want, n) in enumerate(zip(expected, info.shape)):
             if want is not None and want != n:
                 sp = rule.axes[ax]
                 raise ParentError(f"tensor {info.name!r} axis {ax} ({sp}) has length {n}, but {where} makes it {want}; "
@@ -233,7 +265,7 @@ def check_tensors(fam: Family, dims: Dims, ckpt: Checkpoint) -> None:
             raise ParentError(f"tensor {info.name!r} is stored as {info.dtype}, but it is a weight; the checkpoint is "
                               "corrupt or not a " + fam.name + " model")
         if rule.per_layer:
-            layers.add(int(m.group("layer")))
+            layers.add(tensor_key(rule, m, dims)[0])
         if rule.per_expert and dims.num_experts is not None and int(m.group("expert")) >= dims.num_experts:
             raise ParentError(f"tensor {info.name!r} names expert {m.group('expert')}, but {where} has "
                               f"{dims.num_experts} experts")
@@ -260,9 +292,18 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
 
 
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
-                   model_type: str | None = None, layers_stage: str | None = None) -> Dims:
-    """The child's shape from the recipe's target, or a RecipeError if it is impossible."""
+                   model_type: str | None = None, layers_stage: str | None = None,
+                   listed: list[int] | None = None) -> Dims:
+    """The child's shape from the recipe's target, or a RecipeError if it is impossible.
+    n_layers_from_stage / listed: the layer count and the kept layers that a stage's explicit list
+    fixes (layers_stage: that stage's name, for messages)."""
     t = recipe.target
+    if parent.depths is not None:
+        return resolve_staged(fam, parent, recipe, n_layers_from_stage, layers_stage, listed)
+    staged = [k for k in ("hidden_sizes", "depths") if getattr(t, k, None) is not None]
+    if staged:
+        raise RecipeError(f"target {staged[0]} gives one size per stage, but this {fam.name} parent has no stages; "
+                          "use hidden_size and num_hidden_layers")
     if t.intermediate_size and not parent.intermediate_size:
         raise RecipeError(f"this {fam.name} parent has no dense FFN (every layer's FFN is experts); "
                           "set expert_intermediate_size instead of intermediate_size")
@@ -323,6 +364,48 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
             raise RecipeError(f"target num_experts_per_tok {opt['num_experts_per_tok']} is more than its "
                               f"num_experts {opt['num_experts']}")
     return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
+
+
+def resolve_staged(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
+                   layers_stage: str | None = None, listed: list[int] | None = None) -> Dims:
+    """A staged family's child shape: `hidden_sizes` and `depths`, one per stage (each at most
+    the parent's; left out: the parent's). Each stage's FFN width follows its width
+    (Family.stage_ffn). The flat keys do not apply: widths and depths are per stage."""
+    t = recipe.target
+    n = len(parent.depths)
+    flat = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                        "num_hidden_layers") if getattr(t, k) is not None]
+    if flat:
+        other = "depths" if flat[0] == "num_hidden_layers" else "hidden_sizes"
+        raise RecipeError(f"target {flat[0]} does not apply to this {fam.name} parent, whose widths and depths are "
+                          f"per stage; set {other} (a list of {n}, one per stage)")
+    for name in OPTIONAL:
+        if getattr(t, name, None) is not None:
+            raise RecipeError(f"target {name} is set, but this {fam.name} parent has no such dimension; remove it")
+    sizes = {}
+    for key, p in (("hidden_sizes", parent.hidden_sizes), ("depths", parent.depths)):
+        v = getattr(t, key, None)
+        if v is None:
+            sizes[key] = tuple(p)
+            continue
+        if len(v) != n:
+            raise RecipeError(f"target {key} has {len(v)} entries, but this {fam.name} parent has {n} stages; "
+                              f"give one per stage (the parent's: {list(p)})")
+        for s_, (c, q) in enumerate(zip(v, p)):
+            if c > q:
+                raise RecipeError(f"target {key}[{s_}] {c} is larger than the parent's {q}; a child can only be smaller")
+        sizes[key] = tuple(int(x) for x in v)
+    depths = sizes["depths"]
+    if getattr(t, "depths", None) is None and listed is not None:
+        depths = tuple(sum(1 for i in listed if parent.stage_of(i) == s_) for s_ in range(n))
+    total = sum(depths)
+    if n_layers_from_stage is not None and total != n_layers_from_stage:
+        raise RecipeError(f"target depths {list(depths)} make {total} layers, but {layers_stage or 'the pipeline'} "
+                          f"keeps {n_layers_from_stage}; make them agree")
+    hidden = sizes["hidden_sizes"]
+    ffn = tuple(fam.stage_ffn(h, ph, pf) for h, ph, pf in zip(hidden, parent.hidden_sizes, parent.intermediate_sizes))
+    return replace(parent, hidden_size=hidden[-1], intermediate_size=ffn[-1], num_hidden_layers=total,
+                   hidden_sizes=hidden, intermediate_sizes=ffn, depths=depths)
 
 
 def parent_params(fam: Family, ckpt: Checkpoint) -> int:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .checkpoint.reader import Checkpoint
-from .families.spaces import GLOBAL, LAYER, Space
+from .families.spaces import GLOBAL, LAYER, STAGE, Space
 from .hashing import parent_hash, recipe_hash
 from .plan import DTYPE_STR, Plan, count_params, parent_params
 from .version import __version__
@@ -85,6 +85,10 @@ def kept_report(plan: Plan) -> dict:
             k = plan.kept.get((sp, None))
             out[sp.name] = k.tolist() if k is not None else (
                 "rotated" if sp is Space.HIDDEN and plan.rotation is not None else "all")
+            continue
+        if sp.per == STAGE:
+            d = {str(s): plan.kept[(sp, s)].tolist() for s in range(len(plan.parent.depths or ())) if (sp, s) in plan.kept}
+            out[sp.name] = d or "all"
             continue
         d = {}
         for ci, p in enumerate(plan.layers):

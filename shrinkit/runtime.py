@@ -431,6 +431,8 @@ class BlockModel:
         """Push all activations through every block, one block resident at a time (in place).
         With `observe_n`, only the first observe_n samples are observed (the rest, e.g. held-out
         windows riding along with the calibration pass, only flow through)."""
+        if self.family.staged:  # activations change shape from stage to stage: the family runs them
+            return self.family.run_stages(self, h, batch, observe, progress, observe_n)
         step = self.micro(batch, h.shape[1])
         n_obs = len(h) if observe_n is None else observe_n
         ranges = [(a, min(a + step, n_obs)) for a in range(0, n_obs, step)]

@@ -39,6 +39,9 @@ class Target(Strict):
         None, description="experts each token is routed to (default: the parent's, at most num_experts)")
     expert_intermediate_size: Optional[PositiveInt] = Field(None, description="FFN width of every routed expert")
     shared_expert_intermediate_size: Optional[PositiveInt] = Field(None, description="FFN width of a shared expert")
+    # hierarchical (staged) parents only: one entry per stage
+    hidden_sizes: Optional[list[PositiveInt]] = Field(None, max_length=64, description="the width of each stage")
+    depths: Optional[list[PositiveInt]] = Field(None, max_length=64, description="the layers of each stage")
     params: Optional[Count] = Field(None, description="total parameter budget: 40M, 1.3B or an integer")
     params_ratio: Optional[float] = Field(None, gt=0, le=1, description="budget as a fraction of the parent's parameters")
     non_embedding_params: Optional[Count] = Field(

@@ -73,7 +73,11 @@ class RandomBlockModel(BlockModel):
     def __init__(self, ckpt: Checkpoint, family, device: str = "cpu", scratch=None, seed: int = 0):
         super().__init__(ckpt, family, device, scratch)
         self.seed = seed
-        emb, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        try:
+            emb = self.model.get_input_embeddings()
+        except NotImplementedError:   # no input embedding module at all (a convolutional stem)
+            emb = None
+        out = self.model.get_output_embeddings()
         # vocabulary tables only (a vision model's input "embedding" is its patch projection)
         self._emb = emb if isinstance(emb, torch.nn.Embedding) else None
         self._out = out if isinstance(out, torch.nn.Linear) and self._emb is not None else None

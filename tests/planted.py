@@ -300,6 +300,7 @@ class BenchCase:
     output_class: str                 # transformers Auto class whose outputs are compared
     real: object                      # callable(path) -> path
     real_target: dict
+    inputs: str = "tokens"            # "tokens" (input_ids) or "pixels" (pixel_values; calibration on random pixels)
 
 
 def _real_encoder(kind):
@@ -466,3 +467,11 @@ for _mt in ("mixtral", "qwen2_moe", "qwen3_moe"):
     BENCH_CASES[_mt] = _case_from("test_moe", lambda T, p, mt=_mt: T.planted_moe(p, mt), _moe_target, [2],
                                   lambda T, p, mt=_mt: T.real_parent(p, mt),
                                   {**_moe_target, "num_experts": 3, "num_experts_per_tok": 1})
+# staged (ConvNeXt): dead layers in stages 0 and 2 dropped exactly (widths: LayerNorm is inexact, see
+# tests/test_convnext.py); the real parent is cut in every stage's width and depth
+for _mt, _v2 in (("convnext", False), ("convnextv2", True)):
+    BENCH_CASES[_mt] = BenchCase(
+        lambda p, v2=_v2: __import__("test_convnext").convnext_parent(p, v2=v2, classifier=False),
+        {"depths": [1, 3, 1]}, [0, 6], "AutoModel",
+        lambda p, v2=_v2: __import__("test_convnext").real_parent(p, v2, classifier=False),
+        {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 2, 2, 1]}, inputs="pixels")

@@ -51,7 +51,7 @@ def test_no_module_outside_families_names_a_model_type():
 def test_every_space_declared_once():
     assert len({s.name for s in SPACES}) == len(SPACES)
     for s in SPACES:
-        assert s.per in ("global", "layer", "expert") and s.unit in ("index", "head")
+        assert s.per in ("global", "layer", "expert", "stage") and s.unit in ("index", "head")
         assert s.size in Dims.__dataclass_fields__
         assert s.within is None or s.within in SPACES
 

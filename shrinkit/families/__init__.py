@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
+from .convnext import convnext, convnextv2
 from .dinov2 import dinov2
 from .distilbert import distilbert
 from .gemma import gemma, gemma2, gemma3_text
@@ -22,7 +23,7 @@ from .roberta import roberta
 from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
-                                gpt_neox, mixtral, qwen2_moe, qwen3_moe)
+                                gpt_neox, mixtral, qwen2_moe, qwen3_moe, convnext, convnextv2)
 
 
 def family_for(config: dict) -> Family:

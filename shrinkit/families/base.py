@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ..errors import ParentError
 from ..validate import ConfigCommon, field_error
-from .spaces import SPACES, Fused, Rule, Space
+from .spaces import SPACES, At, Fused, Rule, Space
 
 MAX_SIZE = 1 << 40   # no config size is larger (the tensors' shapes must agree anyway)
 
@@ -31,15 +31,37 @@ class Dims:
     num_experts_per_tok: int | None = None
     expert_intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None
+    # hierarchical (staged) families only: one width, FFN width and depth per stage; then
+    # hidden_size is the last stage's width and num_hidden_layers the sum of the depths, and
+    # layers are numbered across stages (stage 0's first, then stage 1's, ...)
+    hidden_sizes: tuple[int, ...] | None = None
+    intermediate_sizes: tuple[int, ...] | None = None
+    depths: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        # a staged family without attention or vocabulary: its zero heads, head_dim and vocab left out
+        none = ("num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size") if self.depths else ()
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if v is not None and not (k in none and v == 0)}
+
+    def layer_offset(self, stage: int) -> int:
+        """The first layer of `stage` in the numbering across stages."""
+        return sum(self.depths[:stage])
+
+    def stage_of(self, layer: int) -> int:
+        """The stage that holds `layer` (numbered across stages)."""
+        for s, n in enumerate(self.depths):
+            if layer < n:
+                return s
+            layer -= n
+        raise IndexError("layer beyond the last stage")
 
 
 # canonical names a recipe's target may set, mapped to each family's config keys by Family.keys
 CANONICAL = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
              "num_experts", "num_experts_per_tok", "expert_intermediate_size", "shared_expert_intermediate_size")
-OPTIONAL = tuple(f.name for f in fields(Dims) if f.default is None)
+STAGED = ("hidden_sizes", "intermediate_sizes", "depths")   # per-stage sizes (staged families)
+OPTIONAL = tuple(f.name for f in fields(Dims) if f.default is None and f.name not in STAGED)
 
 
 @dataclass(frozen=True)
@@ -149,18 +171,22 @@ class Family:
             raise ParentError(f"{where}: field {self.keys['hidden_size']} {hidden} is not divisible by "
                               f"{self.keys['num_attention_heads']} {heads}; fix the parent's config")
 
-    def expected_shape(self, rule: Rule, dims: Dims) -> tuple[int | None, ...]:
+    def expected_shape(self, rule: Rule, dims: Dims, stage: int | None = None) -> tuple[int | None, ...]:
         """The length of each axis of a tensor under `rule`, as the config's dims say it must be
-        (None: the rule does not tie the axis to a space). A fused axis is the sum of its parts."""
+        (None: the rule does not tie the axis to a space). A fused axis is the sum of its parts;
+        a staged space's length is its stage's (`stage`: the tensor's own)."""
         out = []
+        n_stages = len(dims.depths) if dims.depths else None
         for a in rule.axes:
             if a is None:
                 out.append(None)
             elif isinstance(a, Fused):
                 sizes = a.part_sizes(dims)
                 out.append(None if None in sizes else sum(sizes))
+            elif isinstance(a, At):
+                out.append(a.space.elems(dims, a.resolve(stage, n_stages or 0)))
             else:
-                out.append(a.elems(dims))
+                out.append(a.elems(dims, stage))
         return tuple(out)
 
     def dims(self, cfg: dict) -> Dims:
@@ -232,6 +258,19 @@ class Family:
         used |= {sp.within for sp in used if sp.within is not None}
         return tuple(s for s in SPACES if s in used)
 
+    # ---------------------------------------------------------------- stages (hierarchical families)
+    def stage_ffn(self, hidden: int, parent_hidden: int, parent_ffn: int) -> int:
+        """A staged family's FFN width for a stage of width `hidden` (the parent's stage has
+        `parent_hidden` and `parent_ffn`): by default the parent's ratio, which must be whole."""
+        return parent_ffn * hidden // parent_hidden
+
+    def run_stages(self, bm, h, batch: int, observe=None, progress=None, observe_n: int | None = None):
+        """A staged family's forward through every stage (BlockModel.run_layers delegates here
+        when `staged` is set): returns the final states [N, T, H] of the last stage."""
+        raise NotImplementedError
+
+    staged = False   # a hierarchical family: widths and depths per stage (Dims.hidden_sizes, depths)
+
     # ---------------------------------------------------------------- behaviour (override per family)
     def rescale(self, rule: Rule, t, factor: float):
         """The child tensor after rescale_norms by `factor` (sqrt(parent hidden / child hidden)
@@ -254,6 +293,11 @@ class Family:
         if plan.norm_factor is None:
             return t
         return self.rescale(rule, t, plan.norm_factor)
+    def adjust_tensor(self, plan, ct, t):
+        """adjust() for one child tensor (a ChildTensor: its rule, layer, expert and stage);
+        a family whose adjustment depends on where the tensor is overrides this."""
+        return self.adjust(plan, ct.rule, t)
+
     # ---------------------------------------------------------------- data (text tokens by default)
     random_data = "random_tokens"   # the data kind verification falls back to without a data source
     data_kinds = "builtin, random_tokens or a .txt/.jsonl file"

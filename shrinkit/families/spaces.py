@@ -19,8 +19,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-GLOBAL, LAYER, EXPERT = "global", "layer", "expert"
+GLOBAL, LAYER, EXPERT, STAGE = "global", "layer", "expert", "stage"
 INDEX, HEAD = "index", "head"
+STAGED_SIZES = ("hidden_sizes", "intermediate_sizes")   # Dims fields that hold one size per stage
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +29,7 @@ class Space:
     """One index set shared by tensor axes. Compared by identity; declared below, once."""
 
     name: str
-    per: str                  # GLOBAL | LAYER | EXPERT: what one kept-index set is keyed by
+    per: str                  # GLOBAL | LAYER | EXPERT | STAGE: what one kept-index set is keyed by
     unit: str                 # INDEX: single indices | HEAD: whole heads of head_dim elements
     size: str                 # the Dims field that counts this space's units
     cut: bool = True          # False: never cut (the vocabulary)
@@ -40,21 +41,33 @@ class Space:
     def __str__(self) -> str:
         return self.name
 
-    def units(self, dims) -> int | None:
-        return getattr(dims, self.size, None)
+    def units(self, dims, stage: int | None = None) -> int | None:
+        """The number of units; for a space sized per stage (a tuple in the dims), the units of
+        `stage` (None without one)."""
+        n = getattr(dims, self.size, None)
+        if isinstance(n, tuple):
+            return None if stage is None else n[stage]
+        return n
 
-    def elems(self, dims) -> int | None:
+    def elems(self, dims, stage: int | None = None) -> int | None:
         """The length of an axis (or fused part) that holds all of this space's units."""
-        n = self.units(dims)
+        n = self.units(dims, stage)
         if n is None:
             return None
         return n * dims.head_dim if self.unit == HEAD else n
 
-    def key(self, layer: int | None, expert: int | None):
+    @property
+    def staged(self) -> bool:
+        """Sized per stage of a hierarchical model (a tuple of sizes in the dims)."""
+        return self.size in STAGED_SIZES
+
+    def key(self, layer: int | None, expert: int | None, stage: int | None = None):
         if self.per == GLOBAL:
             return None
         if self.per == LAYER:
             return layer
+        if self.per == STAGE:
+            return stage
         return (layer, expert)
 
 
@@ -66,10 +79,13 @@ Space.Q_HEADS = Space("q_heads", LAYER, HEAD, "num_attention_heads", within=Spac
 Space.EXPERTS = Space("experts", LAYER, INDEX, "num_experts")                  # MoE experts (router rows)
 Space.EXPERT_FFN = Space("expert_ffn", EXPERT, INDEX, "expert_intermediate_size")  # one expert's neurons
 Space.SHARED_FFN = Space("shared_ffn", LAYER, INDEX, "shared_expert_intermediate_size")  # a shared expert's neurons
+# hierarchical models (ConvNeXt): one width per stage, and per-layer FFN neurons whose count is the layer's stage's
+Space.STAGE_HIDDEN = Space("stage_hidden", STAGE, INDEX, "hidden_sizes")               # a stage's channels
+Space.STAGE_FFN = Space("stage_ffn", LAYER, INDEX, "intermediate_sizes")               # a staged layer's neurons
 
 # Every space, in the order selection draws them (this order fixes the random method's draws).
 SPACES: tuple[Space, ...] = (Space.HIDDEN, Space.VOCAB, Space.FFN, Space.KV_HEADS, Space.Q_HEADS, Space.EXPERTS,
-                             Space.EXPERT_FFN, Space.SHARED_FFN)
+                             Space.EXPERT_FFN, Space.SHARED_FFN, Space.STAGE_HIDDEN, Space.STAGE_FFN)
 BY_NAME = {s.name: s for s in SPACES}
 
 
@@ -101,7 +117,40 @@ class Fused:
             raise ValueError("a per-head fused axis needs one head space for every part")
 
 
-Axis = Space | Fused | None
+@dataclass(frozen=True)
+class At:
+    """An axis in a staged space, at another stage than the tensor's own: `stage` is "prev" (the
+    stage before the tensor's: a downsampling layer reads the previous stage's width and writes
+    its own), or a fixed stage (0: the stem; -1: the last stage, for the final norm and head)."""
+
+    space: Space
+    stage: int | str = "prev"
+
+    def __str__(self) -> str:
+        where = {"prev": "the previous stage", -1: "the last stage"}.get(self.stage, f"stage {self.stage}")
+        return f"{self.space} of {where}"
+
+    def resolve(self, stage: int | None, n_stages: int) -> int:
+        if self.stage == "prev":
+            if stage is None or stage < 1:
+                raise ValueError("a previous-stage axis needs a tensor of stage 1 or later")
+            return stage - 1
+        return int(self.stage) % n_stages
+
+
+def axis_stage(axis, stage: int | None, n_stages: int | None) -> int | None:
+    """The stage whose kept indices an axis takes: an At axis's, else the tensor's own."""
+    if isinstance(axis, At):
+        return axis.resolve(stage, n_stages or 0)
+    return stage
+
+
+def axis_space(axis):
+    """The space of an axis (an At axis's own space), or the axis itself (Fused, None)."""
+    return axis.space if isinstance(axis, At) else axis
+
+
+Axis = Space | Fused | At | None
 
 
 @dataclass(frozen=True)
@@ -133,12 +182,18 @@ class Rule:
     def per_expert(self) -> bool:
         return "expert" in self.regex.groupindex
 
+    @property
+    def per_stage(self) -> bool:
+        return "stage" in self.regex.groupindex
+
     def spaces(self) -> list[tuple[int, Space]]:
         """(axis, space) for every axis of this tensor that lives in a space (fused parts included)."""
         out = []
         for i, a in enumerate(self.axes):
             if isinstance(a, Fused):
                 out.extend((i, p) for p in a.parts)
+            elif isinstance(a, At):
+                out.append((i, a.space))
             elif a is not None:
                 out.append((i, a))
         return out
@@ -153,6 +208,16 @@ def expert_rule(prefix: str, experts: str, suffix: str, axes: tuple[Axis, ...], 
     """A rule for a per-expert tensor: ``<prefix>.<layer>.<experts>.<expert>.<suffix>``."""
     return Rule(re.escape(prefix) + r"\.(?P<layer>\d+)\." + re.escape(experts) + r"\.(?P<expert>\d+)\."
                 + re.escape(suffix), axes, **kw)
+
+
+def stage_rule(prefix: str, suffix: str, axes: tuple[Axis, ...], layers: str | None = None, **kw) -> Rule:
+    """A rule for a per-stage tensor, ``<prefix>.<stage>.<suffix>``, or with `layers`, a per-layer
+    tensor of a stage, ``<prefix>.<stage>.<layers>.<layer>.<suffix>`` (the layer numbered within
+    its stage; the plan numbers layers across stages, stage by stage)."""
+    mid = r"\.(?P<stage>\d+)\."
+    if layers is not None:
+        mid += re.escape(layers) + r"\.(?P<layer>\d+)\."
+    return Rule(re.escape(prefix) + mid + re.escape(suffix), axes, **kw)
 
 
 def rule(name: str, axes: tuple[Axis, ...], **kw) -> Rule:

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ..families.spaces import EXPERT, GLOBAL, LAYER, SPACES, Space
+from ..families.spaces import EXPERT, GLOBAL, LAYER, SPACES, STAGE, Space
 from ..plan import Plan
 from ..scores import Scores
 
@@ -53,12 +53,30 @@ def spaces_to_rank(plan: Plan) -> set[Space]:
     p, c = plan.parent, plan.child
     need = set()
     for sp in plan.family.spaces():
-        if sp.cut and sp.units(p) is not None and sp.units(c) < sp.units(p):
+        if sp.cut and _narrower(sp, p, c):
             need.add(sp)
     for sp in plan.family.spaces():
         if sp.within is not None and (sp in need or sp.within in need):
             need.update((sp, sp.within))
     return need
+
+
+def _narrower(sp: Space, p, c) -> bool:
+    """Whether the child has fewer units of `sp` than the parent (in any stage, for a space
+    sized per stage)."""
+    a, b = getattr(p, sp.size, None), getattr(c, sp.size, None)
+    if a is None:
+        return False
+    if isinstance(a, tuple):
+        return any(y < x for x, y in zip(a, b))
+    return b < a
+
+
+def _stage_of_key(sp: Space, p, key) -> int | None:
+    """The stage a staged space's kept set belongs to (its key, or its layer's stage)."""
+    if not sp.staged:
+        return None
+    return key if sp.per == STAGE else p.stage_of(key)
 
 
 def _pick_grouped(plan: Plan, sp: Space, inner: Space, key, method: Method, sc: Scores, gen) -> None:
@@ -100,11 +118,16 @@ def select(plan: Plan, method: Method, scores: Scores | None, layers: list[int],
         if sp in inner:
             _pick_grouped(plan, sp, inner[sp], key, method, sc, gen)
         else:
-            plan.kept[(sp, key)] = _pick(method, sp.units(p), sp.units(plan.child), sc.get((sp, key)), gen)
+            st = _stage_of_key(sp, p, key)
+            plan.kept[(sp, key)] = _pick(method, sp.units(p, st), sp.units(plan.child, st), sc.get((sp, key)), gen)
 
     for sp in todo:
         if sp.per == GLOBAL:
             one(sp, None)
+    for sp in todo:
+        if sp.per == STAGE:
+            for st in range(len(p.depths or ())):
+                one(sp, st)
     for layer in layers:
         for sp in todo:
             if sp.per == LAYER:

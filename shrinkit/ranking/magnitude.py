@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..families.spaces import HEAD, Fused, Space
-from ..plan import Plan, match_rule, tensor_key
+from ..families.spaces import HEAD, Fused, Space, axis_space, axis_stage
+from ..plan import Plan, match_rule, tensor_key, tensor_stage
 from ..scores import Scores, add_score
 from .base import Method
 
@@ -18,9 +18,12 @@ CHUNK = 1 << 20  # elements per chunk when reducing a large tensor
 
 
 def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
-    """sum |t| over all other axes, for each axis in `axes` (a 1D or 2D tensor), in float32."""
+    """sum |t| over all other axes, for each axis in `axes`, in float32."""
     if t.dim() == 1:
         return {0: t.float().abs()}
+    if t.dim() > 2 and any(ax != 0 for ax in axes):  # a convolution's input channels (small tensors)
+        a = t.float().abs()
+        return {ax: a.sum([d for d in range(t.dim()) if d != ax]) for ax in axes}
     t2 = t.reshape(t.shape[0], -1)
     rows = torch.empty(t2.shape[0], dtype=torch.float32) if 0 in axes else None
     cols = torch.zeros(t2.shape[1], dtype=torch.float32) if 1 in axes else None
@@ -45,7 +48,7 @@ def _axis_sums(t: torch.Tensor, axes: list[int]) -> dict[int, torch.Tensor]:
 def _parts(a, v: torch.Tensor, dims) -> list[tuple[Space, torch.Tensor]]:
     """The per-element sums v along an axis, split into its spaces' parts."""
     if not isinstance(a, Fused):
-        return [(a, v)]
+        return [(axis_space(a), v)]
     if a.layout == "heads":
         per = v.view(-1, len(a.parts), dims.head_dim)
         return [(p, per[:, j].reshape(-1)) for j, p in enumerate(a.parts)]
@@ -68,7 +71,8 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
         rule, m = match_rule(fam, info)
         if rule.drop or not info.dtype.is_floating_point:
             continue
-        layer, expert = tensor_key(rule, m)
+        layer, expert = tensor_key(rule, m, p)
+        stage = tensor_stage(rule, m)
         if layer is not None and layer not in layers:
             continue
         # an expert scores by its own tensors only (below), not by its router row
@@ -95,7 +99,8 @@ def magnitude_scores(ckpt: Checkpoint, plan: Plan, need: set[Space], layers: set
                 seg = seg / mean if mean > 0 else seg
                 if sp.unit == HEAD:
                     seg = seg.view(-1, p.head_dim).sum(1)
-                add_score(sc, sp, sp.key(layer, expert), seg)
+                st = axis_stage(a, stage, len(p.depths) if p.depths else None)
+                add_score(sc, sp, sp.key(layer, expert, st), seg)
     return sc
 
 

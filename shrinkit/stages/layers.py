@@ -42,7 +42,25 @@ def count_from_lists(stage: DropLayers | None, n_parent: int) -> int | None:
     return None
 
 
-def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[float] | None = None) -> list[int]:
+def listed_layers(stage: DropLayers, n_parent: int) -> list[int]:
+    """The layers a keep or drop list keeps, checked against the parent's layer count."""
+    for what, lst in (("keep", stage.keep), ("drop", stage.drop)):
+        if lst is not None:
+            bad = [i for i in lst if not 0 <= i < n_parent]
+            if bad:
+                raise RecipeError(f"drop_layers.{what} names layer {bad[0]}, but the parent has layers 0..{n_parent - 1}")
+    if stage.keep is not None:
+        return sorted(stage.keep)
+    return [i for i in range(n_parent) if i not in set(stage.drop)]
+
+
+def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[float] | None = None,
+                depths: tuple | None = None) -> list[int]:
+    """The parent layers the child keeps. With `depths` (parent depths, child depths) of a staged
+    family, each stage keeps its own count by the same rule (layers numbered across stages; a
+    keep or drop list names them so and must leave each stage its target depth)."""
+    if depths is not None and depths[0] is not None:
+        return _keep_staged(stage, depths[0], depths[1], influence)
     for what, lst in (("keep", stage.keep), ("drop", stage.drop)):
         if lst is not None:
             bad = [i for i in lst if not 0 <= i < n_parent]
@@ -72,6 +90,24 @@ def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[
     return kept
 
 
+def _keep_staged(stage: DropLayers, parent: tuple, child: tuple, influence: list[float] | None) -> list[int]:
+    n_parent = sum(parent)
+    offs = [sum(parent[:s]) for s in range(len(parent))]
+    if stage.keep is not None or stage.drop is not None:
+        kept = listed_layers(stage, n_parent)
+        for s, (o, n, c) in enumerate(zip(offs, parent, child)):
+            got = sum(1 for i in kept if o <= i < o + n)
+            if got != c:
+                raise RecipeError(f"drop_layers keeps {got} layers of stage {s} (layers {o}..{o + n - 1}), but the "
+                                  f"target depths give it {c}; make them agree")
+        return kept
+    out = []
+    for o, n, c in zip(offs, parent, child):
+        sub = None if influence is None else influence[o:o + n]
+        out += [o + i for i in keep_layers(stage, n, c, sub)]
+    return out
+
+
 class DropStage(Stage):
     name = "drop_layers"
     config = DropLayers
@@ -83,6 +119,10 @@ class DropStage(Stage):
     def child_layers(self, cfg, n_parent):
         return count_from_lists(cfg, n_parent)
 
+    def listed(self, cfg, n_parent) -> list[int] | None:
+        """The layers an explicit keep or drop list keeps (None: chosen by a rule)."""
+        return listed_layers(cfg, n_parent) if cfg.keep is not None or cfg.drop is not None else None
+
     def chooses_later(self, cfg) -> bool:
         """The layers are chosen at run time from calibration (importance), not from the recipe."""
         return cfg.strategy == "importance"
@@ -90,7 +130,8 @@ class DropStage(Stage):
     def prepare(self, cfg, ctx):
         plan = ctx.plan
         if not self.chooses_later(cfg):
-            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers)
+            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers,
+                                      depths=(plan.parent.depths, plan.child.depths))
 
     def reads(self, cfg, ctx):
         if not self.chooses_later(cfg):
@@ -105,7 +146,8 @@ class DropStage(Stage):
             influence = layer_influence(ctx.calibration(self.name))
             info["influence"] = [round(x, 6) for x in influence]
             plan = ctx.plan
-            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers, influence)
+            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers, influence,
+                                      depths=(plan.parent.depths, plan.child.depths))
         ctx.layers_chosen = True
         return info
 

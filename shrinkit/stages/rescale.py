@@ -25,6 +25,8 @@ class RescaleStage(Stage):
 
     def prepare(self, cfg, ctx):
         plan = ctx.plan
+        if plan.family.staged:   # no one factor fits stages cut by different ratios: a no-op there
+            return
         f = cfg.factor if cfg.factor is not None else math.sqrt(plan.parent.hidden_size / plan.child.hidden_size)
         plan.norm_factor = None if f == 1.0 else f
 

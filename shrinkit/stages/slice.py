@@ -28,7 +28,7 @@ def _cut(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | None]) 
             t = t.index_select(0, ix.tensor)
         else:  # advanced indexing gathers inner axes ~3x faster than index_select on CPU
             t = t[(slice(None),) * ax + (ix.tensor,)]
-    t = plan.family.adjust(plan, ct.rule, t)
+    t = plan.family.adjust_tensor(plan, ct, t)
     if t.dtype != ct.dtype:
         t = t.to(ct.dtype)
     return t.contiguous()
@@ -55,7 +55,7 @@ def _rotated(plan: Plan, ct: ChildTensor, t: torch.Tensor, idx: list[Index | Non
 def slice_blocks(plan: Plan, ct: ChildTensor, t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The child tensor as consecutive row blocks (row-major order), so that memory holds one
     block of a few MB however large the tensor is."""
-    idx = [plan.axis_index(a, ct.layer, s, ct.expert) for a, s in zip(ct.rule.axes, t.shape)]
+    idx = [plan.axis_index(a, ct.layer, s, ct.expert, ct.stage) for a, s in zip(ct.rule.axes, t.shape)]
     if plan.rotation is not None and Space.HIDDEN in ct.rule.axes:
         ax = ct.rule.axes.index(Space.HIDDEN)
         if not ct.norm and t.dim() == 2 and ax == 1:  # embeddings and readers: rows project independently
