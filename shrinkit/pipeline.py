@@ -25,7 +25,8 @@ from .families import family_for
 from .families.spaces import GLOBAL, LAYER, Space
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
-from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, parent_params, resolve_target
+from .plan import OUT_DTYPES, DTYPE_STR, Plan, check_parent, count_params, own_keys, parent_params, \
+                   resolve_target
 from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
@@ -82,6 +83,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if transformers_check:
         check_config(ckpt.config, parent=True)   # a config transformers rejects as it is: the parent's fault
     solution = None
+    recipe = own_keys(fam, recipe)   # the family's own names for target keys (Mixtral's intermediate_size)
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
         from .budget import apply, solve
         solution = solve(ckpt, fam, pdims, recipe, ckpt.config.get("model_type"))

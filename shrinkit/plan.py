@@ -14,7 +14,7 @@ import torch
 from .checkpoint.reader import Checkpoint, TensorInfo
 from .errors import ParentError, RecipeError
 from .families import Dims, Family
-from .families.base import OPTIONAL
+from .families.base import CANONICAL, OPTIONAL
 from .families.spaces import HEAD, Fused, Rule, Space
 from .recipe import Recipe
 
@@ -255,9 +255,34 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
     return fam, dims
 
 
+def own_keys(fam: Family, recipe: Recipe) -> Recipe:
+    """The recipe with target keys in the family's own sense: a canonical name the family has no
+    dimension for, but which is the family's config key of another dimension, means that one
+    (Mixtral's config calls its experts' FFN width `intermediate_size`, and it has no dense FFN).
+    Setting both names to different sizes is a RecipeError."""
+    t, update = recipe.target, {}
+    for canon in CANONICAL:
+        v = getattr(t, canon, None)
+        if not v or fam.keys.get(canon, canon) is not None:   # 0: the budget solver's "no dense FFN"
+            continue
+        for other, key in fam.keys.items():
+            keys = key if isinstance(key, tuple) else (key,)
+            if other != canon and canon in keys:
+                w = getattr(t, other, None)
+                if w is not None and w != v:
+                    raise RecipeError(f"target sets {canon} {v} and {other} {w}, but a {fam.name} config's {canon} "
+                                      f"is its {other}; give one of them")
+                update[canon], update[other] = None, v
+    if not update:
+        return recipe
+    return recipe.model_copy(update={"target": t.model_copy(update=update)})
+
+
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
                    model_type: str | None = None) -> Dims:
-    """The child's shape from the recipe's target, or a RecipeError if it is impossible."""
+    """The child's shape from the recipe's target, or a RecipeError if it is impossible (a shape
+    the family's runtime cannot run included: Family.runtime)."""
+    recipe = own_keys(fam, recipe)
     t = recipe.target
     if t.intermediate_size and not parent.intermediate_size:
         raise RecipeError(f"this {fam.name} parent has no dense FFN (every layer's FFN is experts); "
@@ -317,7 +342,9 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
         elif opt["num_experts_per_tok"] > opt["num_experts"]:
             raise RecipeError(f"target num_experts_per_tok {opt['num_experts_per_tok']} is more than its "
                               f"num_experts {opt['num_experts']}")
-    return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
+    child = Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
+    fam.check_runtime(child, parent)
+    return child
 
 
 def parent_params(fam: Family, ckpt: Checkpoint) -> int:
