@@ -138,6 +138,7 @@ gemma2 = Gemma(
     rules=ATTN + SANDWICH + ENDS,
     keys=KEYS,
     norm="rms",
+    heads_divide_hidden=("gemma2",),   # its transformers config validates hidden % heads == 0
     tie_default=True,
     write_head_dim=True,
     block=Block("AutoModelForCausalLM", "model", "layers",
@@ -157,6 +158,7 @@ gemma3_text = Gemma3(
     ) + SANDWICH + ENDS,
     keys=KEYS,
     norm="rms",
+    heads_divide_hidden=("gemma3_text",),   # its transformers config validates hidden % heads == 0
     tie_default=True,
     write_head_dim=True,
     block=BLOCK,
