@@ -83,7 +83,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if transformers_check:
         check_config(ckpt.config, parent=True)   # a config transformers rejects as it is: the parent's fault
     solution = None
-    recipe = own_keys(fam, recipe)   # the family's own names for target keys (Mixtral's intermediate_size)
+    recipe = own_keys(fam, recipe)   # target keys in the family's own sense (a config key naming another dimension)
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
         from .budget import apply, solve
         solution = solve(ckpt, fam, pdims, recipe, ckpt.config.get("model_type"))

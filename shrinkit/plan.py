@@ -258,7 +258,7 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
 def own_keys(fam: Family, recipe: Recipe) -> Recipe:
     """The recipe with target keys in the family's own sense: a canonical name the family has no
     dimension for, but which is the family's config key of another dimension, means that one
-    (Mixtral's config calls its experts' FFN width `intermediate_size`, and it has no dense FFN).
+    (a MoE family whose config calls its experts' FFN width `intermediate_size` and has no dense FFN).
     Setting both names to different sizes is a RecipeError."""
     t, update = recipe.target, {}
     for canon in CANONICAL:

@@ -334,6 +334,8 @@ for _mt in ("gemma", "gemma2", "gemma3_text"):
                                  _from("test_gemma", "real_parent", _mt), RMS_WIDTH_DEPTH)
 BENCH_CASES["phi3"] = BenchCase(_from("test_phi3", "phi3_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
                                 _from("test_phi3", "real_parent"), RMS_WIDTH_DEPTH)
+BENCH_CASES["olmo2"] = BenchCase(_from("test_olmo2", "olmo2_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
+                                 _from("test_olmo2", "real_parent"), RMS_WIDTH_DEPTH)
 
 
 # ---------------------------------------------------------------- vision

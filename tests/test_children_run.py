@@ -40,6 +40,7 @@ CASES = {
     "gemma": (DECODER, ODD, LM, "tokens"),
     "gemma2": (DECODER, dict(ODD, hidden_size=46), LM, "tokens"),     # its config: hidden % heads == 0
     "gemma3_text": (dict(DECODER, sliding_window=8), dict(ODD, hidden_size=46), LM, "tokens"),
+    "olmo2": (dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2), ODD, LM, "tokens"),
     "phi3": (dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2), ODD, LM, "tokens"),
     "gpt2": (dict(vocab_size=V, n_embd=64, n_head=4, n_layer=3, n_inner=96, n_positions=64), HEADS3, LM, "tokens"),
     "gpt_neox": (dict(ENCODER, rotary_pct=0.25), HEADS3, LM, "tokens"),
