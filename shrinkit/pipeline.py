@@ -106,6 +106,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
         raise RecipeError("the target narrows the model, but the pipeline has no rank_neurons stage; add one")
     if drop is not None and drop.strategy != "importance":
         plan.layers = keep_layers(drop, pdims.num_hidden_layers, child.num_hidden_layers)
+        fam.check_layers(plan.layers)
     else:  # importance: calibration picks them later; the first N stand in for the config check
         plan.layers = list(range(child.num_hidden_layers))
     rescale = recipe.stage("rescale_norms")
@@ -299,7 +300,8 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 influence = layer_influence(_calibration(ckpt, plan, spec, recipe.seed, progress, opts,
                                                          calib, tmp))
                 info["influence"] = [round(x, 6) for x in influence]
-                plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers, influence)
+                plan.layers = keep_layers(stage, n_parent, plan.child.num_hidden_layers,
+                                          plan.family.pin_influence(influence))
             dropped = True
         if name in ("rotate_hidden", "heal"):  # the spec preflight resolved (top-level block, clamped seq_len)
             stage = stage.model_copy(update={"calibration": opts["checks"].specs.get(name)

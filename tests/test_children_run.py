@@ -49,6 +49,8 @@ CASES = {
     "xlm-roberta": (dict(ENCODER, max_position_embeddings=66), HEADS3, MLM, "tokens"),
     "distilbert": (dict(vocab_size=V, dim=64, n_heads=4, hidden_dim=96, n_layers=3, max_position_embeddings=64),
                    HEADS3, MLM, "tokens"),
+    "modernbert": (dict(ENCODER, local_attention=8, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, cls_token_id=1, sep_token_id=2), HEADS3, MLM, "tokens"),
     "vit": (dict(VISION, intermediate_size=96), HEADS3, BASE, "pixels"),
     "dinov2": (dict(VISION, mlp_ratio=2), dict(HEADS3, intermediate_size=48), BASE, "pixels"),
     "dinov2_with_registers": (dict(VISION, mlp_ratio=2, num_register_tokens=2), dict(HEADS3, intermediate_size=48),

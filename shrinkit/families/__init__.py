@@ -16,6 +16,7 @@ from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .gpt_neox import gpt_neox
 from .llama import llama
+from .modernbert import modernbert
 from .moe import mixtral, qwen2_moe, qwen3_moe
 from .olmo2 import olmo2
 from .phi3 import phi3
@@ -23,7 +24,8 @@ from .roberta import roberta
 from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
-                                gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2)
+                                gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2,
+                                modernbert)
 
 
 def family_for(config: dict) -> Family:

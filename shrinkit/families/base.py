@@ -244,6 +244,14 @@ class Family:
             raise RecipeError(f"target {c.dim} {v} would give a {self.name} child that transformers cannot run as "
                               f"loaded: {c.why}; use {near}")
 
+    def check_layers(self, kept_layers: list[int]) -> None:
+        """RecipeError (exit 2) when the child cannot keep these parent layers (a family whose
+        first layer differs from the others keeps it first)."""
+
+    def pin_influence(self, influence: list[float]) -> list[float]:
+        """Layer influence as importance dropping ranks it: layers the family must keep get inf."""
+        return influence
+
     def max_positions(self, cfg: dict) -> int | None:
         """The longest sequence the model takes (its position table), or None where it has no limit."""
         v = self._get(cfg, "max_position_embeddings")
