@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 CALIB = {"data": "random_tokens", "samples": 16, "seq_len": 64, "batch_size": 8}
 
 
-def stages(method: str, drop: dict | None) -> list:
+def stages(method: str, drop: dict | None, calib: dict | None = None) -> list:
     """rank_neurons by `method`, then drop_layers `drop` (e.g. {"drop": [1]}) if given."""
     rank = {"method": method}
     if method == "activation":
-        rank["calibration"] = CALIB
+        rank["calibration"] = calib or CALIB
     # rescale_norms: exact for RMSNorm families whose targets cut hidden dims; a no-op otherwise
     return ([{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
             + [{"rescale_norms": {}}])
@@ -53,13 +53,30 @@ def planted_error(case, tmp: Path) -> float:
     from helpers import logits, run, tokens
 
     pl = case.planted(tmp / "planted")
-    ids = tokens(96)
-    ref = logits(pl.path, ids, case.output_class)
+    pixels = getattr(case, "inputs", "tokens") == "pixels"
+    ids = planted.pixels() if pixels else tokens(96)
+    out = (lambda path: image_outputs(path, ids, case.output_class)) if pixels else \
+        (lambda path: logits(path, ids, case.output_class))
+    ref = out(pl.path)
     worst = 0.0
     for method in ("magnitude", "activation"):
-        run(pl.path, tmp / f"planted-{method}", target=case.target, stages=stages(method, {"drop": list(case.drop)} if case.drop else None))
-        worst = max(worst, planted.rel_err(logits(tmp / f"planted-{method}", ids, case.output_class), ref))
+        calib = {**CALIB, "data": "random_pixels"} if pixels else CALIB
+        run(pl.path, tmp / f"planted-{method}", target=case.target,
+            stages=stages(method, {"drop": list(case.drop)} if case.drop else None, calib))
+        worst = max(worst, planted.rel_err(out(tmp / f"planted-{method}"), ref))
     return worst
+
+
+def image_outputs(path, pixels, cls: str):
+    """An image model's main output (projected embeddings, logits or hidden states), float32."""
+    import torch
+
+    from helpers import load
+    with torch.no_grad():
+        o = load(path, cls)(pixel_values=pixels)
+    for k in ("image_embeds", "logits", "last_hidden_state"):
+        if getattr(o, k, None) is not None:
+            return getattr(o, k)
 
 
 def timed(cmd: list[str], tmp: Path) -> tuple[float, int]:
@@ -88,9 +105,11 @@ def bench(name: str, repeat: int) -> dict:
         row["parent_bytes"] = sum(f.stat().st_size for f in Path(parent).glob("*.safetensors"))
         for method in ("magnitude", "activation"):
             rec = tmp / f"{method}.yaml"
+            calib = {**CALIB, "data": "random_pixels"} if getattr(case, "inputs", "tokens") == "pixels" else CALIB
             rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
                                            "stages": stages(method, {"strategy": "middle"}
-                                                            if case.real_target.get("num_hidden_layers") else None)}))
+                                                            if case.real_target.get("num_hidden_layers") else None,
+                                                            calib)}))
             runs = [timed([sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "-r", str(rec), "--out",
                            str(tmp / f"out-{method}"), "--force", "--no-verify", "--quiet"], tmp) for _ in range(repeat)]
             row[f"{method}_seconds"] = round(statistics.median(t for t, _ in runs), 3)

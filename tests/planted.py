@@ -300,6 +300,7 @@ class BenchCase:
     output_class: str                 # transformers Auto class whose outputs are compared
     real: object                      # callable(path) -> path
     real_target: dict
+    inputs: str = "tokens"            # what the planted comparison feeds: "tokens" or "pixels"
 
 
 def _real_encoder(kind):
@@ -339,6 +340,11 @@ BENCH_CASES["modernbert"] = BenchCase(_from("test_modernbert", "modernbert_paren
                                       _from("test_modernbert", "real_parent"),
                                       dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
                                            num_hidden_layers=3))
+BENCH_CASES["clip_vision_model"] = BenchCase(_from("test_clip", "clip_parent"), dict(intermediate_size=64,
+                                             num_hidden_layers=3), [2], "CLIPVisionModelWithProjection",
+                                             _from("test_clip", "real_parent"),
+                                             dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                                  num_hidden_layers=3), inputs="pixels")
 BENCH_CASES["olmo2"] = BenchCase(_from("test_olmo2", "olmo2_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
                                  _from("test_olmo2", "real_parent"), RMS_WIDTH_DEPTH)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
+from .clip import clip_vision_model
 from .dinov2 import dinov2
 from .distilbert import distilbert
 from .gemma import gemma, gemma2, gemma3_text
@@ -25,7 +26,7 @@ from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
                                 gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2,
-                                modernbert)
+                                modernbert, clip_vision_model)
 
 
 def family_for(config: dict) -> Family:
