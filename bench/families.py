@@ -68,13 +68,14 @@ def planted_error(case, tmp: Path) -> float:
 
 
 def image_outputs(path, pixels, cls: str):
-    """An image model's main output (projected embeddings, logits or hidden states), float32."""
+    """An image model's main output (projected embeddings, logits, the pooled output or hidden
+    states), float32."""
     import torch
 
     from helpers import load
     with torch.no_grad():
         o = load(path, cls)(pixel_values=pixels)
-    for k in ("image_embeds", "logits", "last_hidden_state"):
+    for k in ("image_embeds", "logits", "pooler_output", "last_hidden_state"):
         if getattr(o, k, None) is not None:
             return getattr(o, k)
 

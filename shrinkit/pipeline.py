@@ -31,7 +31,7 @@ from .progress import Progress
 from .recipe import Recipe, parse_size
 from .report import model_card, report_markdown
 from .stages.layers import count_from_lists, keep_layers
-from .stages.rank import magnitude_scores, select, spaces_to_rank
+from .stages.rank import magnitude_scores, outside_spaces, select, spaces_to_rank
 from .stages.slice import BLOCK_BYTES, slice_blocks
 from .validate import MAX_CACHE, HashCache, loads, read_capped
 
@@ -290,6 +290,8 @@ def _run(ckpt: Checkpoint, plan: Plan, recipe: Recipe, tmp: Path, progress: Prog
                 info["calibration"] = spec.model_dump()
                 scores = activation_scores(_calibration(ckpt, plan, spec, recipe.seed, progress, opts,
                                                         calib, tmp), plan, need)
+                if outside_spaces(plan) & need:   # a pooling head outside the blocks: by its weights
+                    scores = {**magnitude_scores(ckpt, plan, outside_spaces(plan) & need, set()), **scores}
             select(plan, method, scores, layers, recipe.seed)
         elif name == "drop_layers":
             info["strategy"] = stage.strategy or ("keep" if stage.keep is not None else "drop")
@@ -585,6 +587,8 @@ def kept_report(plan: Plan) -> dict:
             for ce, e in enumerate(experts if experts is not None else range(plan.parent.num_experts or 0)):
                 if (sp, (p, e)) in plan.kept:
                     d[f"{ci}.{ce}"] = plan.kept[(sp, (p, e))].tolist()
+        if sp.per == LAYER and (sp, None) in plan.kept:   # tensors outside the blocks (a pooling head)
+            d["outside"] = plan.kept[(sp, None)].tolist()
         out[sp.name] = d or "all"
     return out
 

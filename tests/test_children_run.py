@@ -56,6 +56,7 @@ CASES = {
     "dinov2_with_registers": (dict(VISION, mlp_ratio=2, num_register_tokens=2), dict(HEADS3, intermediate_size=48),
                               BASE, "pixels"),
     "clip_vision_model": (dict(VISION, intermediate_size=96, projection_dim=24), HEADS3, BASE, "pixels"),
+    "siglip_vision_model": (dict(VISION, intermediate_size=96), HEADS3, BASE, "pixels"),   # with the pooling head
     "mixtral": (dict(MOE, num_local_experts=4, intermediate_size=32), MOE_CUT, LM, "tokens"),
     "qwen2_moe": (dict(MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                        mlp_only_layers=[1]),

@@ -22,11 +22,13 @@ from .moe import mixtral, qwen2_moe, qwen3_moe
 from .olmo2 import olmo2
 from .phi3 import phi3
 from .roberta import roberta
+from .siglip import siglip_vision_model
 from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
                                 gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2,
-                                modernbert, clip_vision_model)
+                                modernbert, clip_vision_model,
+                                siglip_vision_model)
 
 
 def family_for(config: dict) -> Family:

@@ -172,6 +172,14 @@ def _pick_grouped(plan: Plan, sp: Space, inner: Space, key, method: str, sc: Sco
     plan.kept[(sp, key)] = groups
 
 
+def outside_spaces(plan: Plan) -> set[Space]:
+    """Layer spaces that tensors outside the blocks hold too (a pooling head's heads and neurons:
+    their kept sets are keyed None; calibration runs only the blocks, so activation ranking
+    scores them by magnitude)."""
+    out = {sp for r in plan.family.rules if not r.per_layer for _, sp in r.spaces() if sp.per == LAYER}
+    return out | {sp.within for sp in out if sp.within is not None}
+
+
 def select(plan: Plan, method: str, scores: Scores | None, layers: list[int], seed: int) -> None:
     """Fill the plan's kept-index sets from scores (or from a data-free method): global spaces
     first, then per layer each layer space in declaration order, then every kept expert's own
@@ -202,4 +210,9 @@ def select(plan: Plan, method: str, scores: Scores | None, layers: list[int], se
             for sp in todo:
                 if sp.per == EXPERT:
                     one(sp, (layer, e))
+    # a layer space that a tensor outside the blocks also holds (SigLIP's pooling head: its attention
+    # heads and MLP neurons) gets a kept set of its own, keyed None
+    for sp in todo:
+        if sp in outside_spaces(plan):
+            one(sp, None)
     plan.ranked = True
