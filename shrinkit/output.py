@@ -39,7 +39,7 @@ CHILD_FILES = re.compile(
     r"(config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|"
     r"shrinkit_report\.json|shrinkit_report\.md|README\.md|tokenizer\.json|tokenizer_config\.json|"
     r"special_tokens_map\.json|added_tokens\.json|vocab\.txt|vocab\.json|merges\.txt|tokenizer\.model|"
-    r"spiece\.model|generation_config\.json|chat_template\.jinja|chat_template\.json)")
+    r"spiece\.model|generation_config\.json|chat_template\.jinja|chat_template\.json|preprocessor_config\.json)")
 
 
 # ------------------------------------------------------------------ paths

@@ -138,3 +138,17 @@ def test_clip_vision_real_config_cut_calibrates_verifies(tmp_path):
     rec.write_text(json.dumps({"target": target, "stages": stages(drop=(2,))}))
     r = CliRunner().invoke(app, ["plan", str(p), "-r", str(rec), "--json"])
     assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+
+
+def test_force_replaces_an_image_child(tmp_path, write_recipe):
+    """A vision child holds the parent's preprocessor_config.json (copied with it); `--force`
+    replaces such a child like any other shrinkit child (it was refused as a foreign file)."""
+    from shrinkit.cli import app
+
+    p = real_parent(tmp_path / "parent")
+    rec = write_recipe({"target": TARGET, "stages": stages(drop=(2,))})
+    for _ in range(2):
+        r = CliRunner().invoke(app, ["subclone", str(p), "-r", str(rec), "--out", str(tmp_path / "c"), "--force",
+                                     "--no-verify", "--quiet"])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "c" / "preprocessor_config.json").is_file()
