@@ -108,19 +108,28 @@ def test_child_runs_as_loaded(tmp_path, model_type):
 
 
 def check_child_runs(tmp_path, model_type, kw, target, cls, kind, builder=None):
-    """builder(path, model_type, kw, cls) -> parent path, for parents a config alone cannot make."""
+    """builder(path, model_type, kw, cls) -> parent path, for parents a config alone cannot make.
+    The child is written in float32 and in bfloat16 (the dtype from_pretrained then loads it in:
+    kernels' alignment rules count bytes)."""
+    parent = (builder or make_parent)(tmp_path / "parent", model_type, kw, cls)
+    for dtype in ("float32", "bfloat16"):
+        check_child_dtype(tmp_path, parent, target, cls, kind, dtype)
+
+
+def check_child_dtype(tmp_path, parent, target, cls, kind, dtype):
     import transformers
 
-    parent = (builder or make_parent)(tmp_path / "parent", model_type, kw, cls)
     stages = [{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {"strategy": "middle"}},
               {"slice_embeddings": {}}, {"rescale_norms": {}}]
-    res = run(parent, tmp_path / "child", target=target, stages=stages)
+    res = run(parent, tmp_path / dtype, target=target, stages=stages, output={"dtype": dtype})
     dims = res.report["child"]["dims"]
     for k, v in target.items():
         assert dims[k] == v, (k, dims[k], v)
-    model = getattr(transformers, cls).from_pretrained(tmp_path / "child")   # defaults only
+    model = getattr(transformers, cls).from_pretrained(tmp_path / dtype)   # defaults only
+    assert model.dtype == getattr(torch, dtype)
+    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in _inputs(kind).items()}
     with torch.no_grad():
-        out = first_output(model(**_inputs(kind)))
+        out = first_output(model(**inputs))
     assert out.shape[0] == 2 and torch.isfinite(out.float()).all()
 
 
