@@ -118,6 +118,8 @@ def _reference(parent, child, ids, fam, seed, causal):
             for k, m in models.items():
                 o = m(**{fam.block.input_name: ids}, output_hidden_states=True)
                 h = o.last_hidden_state if getattr(o, "last_hidden_state", None) is not None else o.hidden_states[-1]
+                if fam.name == "clip_vision_model":   # its final norm (post_layernorm) is on the pooled CLS only
+                    h = o.pooler_output[:, None]
                 pooled[k] = h.float()[:, 0] if fam.block.pool == "first" else h.float().mean(1)
             ref = _pairwise(pooled["parent"])
             for k in ("child", "random_init"):
