@@ -37,11 +37,11 @@ CALIB = {"data": "random_tokens", "samples": 16, "seq_len": 64, "batch_size": 8}
 PIXEL_CALIB = {"data": "random_pixels", "samples": 16, "batch_size": 8}
 
 
-def stages(method: str, drop: dict | None, pixels: bool = False) -> list:
+def stages(method: str, drop: dict | None, calib: dict | None = None) -> list:
     """rank_neurons by `method`, then drop_layers `drop` (e.g. {"drop": [1]}) if given."""
     rank = {"method": method}
     if method == "activation":
-        rank["calibration"] = PIXEL_CALIB if pixels else CALIB
+        rank["calibration"] = calib or CALIB
     # rescale_norms: exact for RMSNorm families whose targets cut hidden dims; a no-op otherwise
     return ([{"rank_neurons": rank}] + ([{"drop_layers": drop}] if drop else []) + [{"slice_embeddings": {}}]
             + [{"rescale_norms": {}}])
@@ -55,25 +55,31 @@ def planted_error(case, tmp: Path) -> float:
 
     pixels = case.inputs == "pixels"
     pl = case.planted(tmp / "planted")
+    pixels = getattr(case, "inputs", "tokens") == "pixels"
     ids = planted.pixels() if pixels else tokens(96)
-    out = pixel_outputs if pixels else logits
-    ref = out(pl.path, ids, case.output_class)
+    out = (lambda path: image_outputs(path, ids, case.output_class)) if pixels else \
+        (lambda path: logits(path, ids, case.output_class))
+    ref = out(pl.path)
     worst = 0.0
     for method in ("magnitude", "activation"):
+        calib = {**CALIB, "data": "random_pixels"} if pixels else CALIB
         run(pl.path, tmp / f"planted-{method}", target=case.target,
-            stages=stages(method, {"drop": list(case.drop)} if case.drop else None, pixels))
-        worst = max(worst, planted.rel_err(out(tmp / f"planted-{method}", ids, case.output_class), ref))
+            stages=stages(method, {"drop": list(case.drop)} if case.drop else None, calib))
+        worst = max(worst, planted.rel_err(out(tmp / f"planted-{method}"), ref))
     return worst
 
 
-def pixel_outputs(path, x, cls):
-    """A vision model's outputs for pixels x: logits, else the pooled output."""
+def image_outputs(path, pixels, cls: str):
+    """An image model's main output (projected embeddings, logits, the pooled output or hidden
+    states), float32."""
     import torch
 
     from helpers import load
     with torch.no_grad():
-        o = load(path, cls)(pixel_values=x)
-    return o.logits if getattr(o, "logits", None) is not None else o.pooler_output
+        o = load(path, cls)(pixel_values=pixels)
+    for k in ("image_embeds", "logits", "pooler_output", "last_hidden_state"):
+        if getattr(o, k, None) is not None:
+            return getattr(o, k)
 
 
 def timed(cmd: list[str], tmp: Path) -> tuple[float, int]:
@@ -102,11 +108,12 @@ def bench(name: str, repeat: int) -> dict:
         row["parent_bytes"] = sum(f.stat().st_size for f in Path(parent).glob("*.safetensors"))
         for method in ("magnitude", "activation"):
             rec = tmp / f"{method}.yaml"
+            calib = {**CALIB, "data": "random_pixels"} if getattr(case, "inputs", "tokens") == "pixels" else CALIB
             rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
                                            "stages": stages(method, {"strategy": "middle"}
                                                             if case.real_target.get("num_hidden_layers")
                                                             or case.real_target.get("depths") else None,
-                                                            case.inputs == "pixels")}))
+                                                            calib)}))
             runs = [timed([sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "-r", str(rec), "--out",
                            str(tmp / f"out-{method}"), "--force", "--no-verify", "--quiet"], tmp) for _ in range(repeat)]
             row[f"{method}_seconds"] = round(statistics.median(t for t, _ in runs), 3)

@@ -194,7 +194,8 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
         d = s.dims
         w = d.hidden_size / P.hidden_size
         dl = d.num_hidden_layers / P.num_hidden_layers
-        fr = (d.intermediate_size / d.hidden_size) / (P.intermediate_size / P.hidden_size)
+        # no dense FFN (every layer's FFN is experts, whose width stays the parent's unless fixed)
+        fr = (d.intermediate_size / d.hidden_size) / (P.intermediate_size / P.hidden_size) if P.intermediate_size else 1
         ar = (d.num_attention_heads * d.head_dim / d.hidden_size) / att_ratio_p
         # rounded: equal scores (different shapes can tie exactly) fall to the tie-break, nearest the budget
         return round(abs(math.log(dl) - ALPHA * math.log(w)) + abs(math.log(fr)) + abs(math.log(ar)), 9)
@@ -216,7 +217,7 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
             per_layer = base[metric] / la
         const = base[metric] - la * per_layer
         slope = 0.0
-        if not ffn_fixed:
+        if not ffn_fixed and P.intermediate_size:
             f1 = f0 - m if f0 - m >= m else f0 + m
             alt = count(h, f1, heads, kv, la)
             slope = (base[metric] - alt[metric]) / (f0 - f1) / la if alt else 0.0

@@ -324,7 +324,8 @@ def verify(
     debug: bool = DebugOpt,
 ):
     """Measure how much of PARENT survived in CHILD on held-out text (against a random-init child).
-    Exit 4 when the child misses a gate given by --max-kl, --max-perplexity-ratio or --min-similarity."""
+    Exit 4 when the child misses a gate given by --max-kl, --max-perplexity-ratio or --min-similarity,
+    or when transformers cannot run it as loaded (a shape its default kernels refuse)."""
     _quiet(debug)
     try:
         from . import api
@@ -341,7 +342,7 @@ def verify(
         typer.echo(json.dumps(strict_json(v), indent=2, allow_nan=False))
     else:
         typer.echo("\n".join(v["table"]))
-    if v.get("status") == "gate_missed":
+    if v.get("status") in ("gate_missed", "failed"):   # failed: the child does not run as loaded
         raise typer.Exit(VERIFY_FAILED)
 
 

@@ -23,7 +23,7 @@ from .hashing import parent_hash, recipe_hash, sha256_all  # noqa: F401 - parent
 from .hf import TOKENIZER_FILES  # noqa: F401 - API
 from .output import Claim, check_inputs, check_out, resolve_out
 from .hf import check_config
-from .plan import OUT_DTYPES, Plan, check_parent, resolve_target
+from .plan import OUT_DTYPES, Plan, check_parent, own_keys, resolve_target
 from .preflight import preflight, resolve_device  # noqa: F401 - resolve_device: API
 from .progress import Progress
 from .ranking import default_method, ensure_selected, spaces_to_rank  # noqa: F401 - default_method: API
@@ -79,6 +79,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
                    and (x := st.listed(cfg, pdims.num_hidden_layers)) is not None), None) \
         if pdims.depths is not None else None
     solution = None
+    recipe = own_keys(fam, recipe)   # target keys in the family's own sense (a config key naming another dimension)
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first
         from .budget import apply, solve
         solution = solve(ckpt, fam, pdims, recipe, ckpt.config.get("model_type"))

@@ -14,7 +14,7 @@ import torch
 from .checkpoint.reader import Checkpoint, TensorInfo
 from .errors import ParentError, RecipeError
 from .families import Dims, Family
-from .families.base import OPTIONAL
+from .families.base import CANONICAL, OPTIONAL
 from .families.spaces import HEAD, At, Fused, Rule, Space
 from typing import TYPE_CHECKING
 
@@ -291,12 +291,37 @@ def check_parent(ckpt: Checkpoint) -> tuple[Family, Dims]:
     return fam, dims
 
 
+def own_keys(fam: Family, recipe: Recipe) -> Recipe:
+    """The recipe with target keys in the family's own sense: a canonical name the family has no
+    dimension for, but which is the family's config key of another dimension, means that one
+    (a MoE family whose config calls its experts' FFN width `intermediate_size` and has no dense FFN).
+    Setting both names to different sizes is a RecipeError."""
+    t, update = recipe.target, {}
+    for canon in CANONICAL:
+        v = getattr(t, canon, None)
+        if not v or fam.keys.get(canon, canon) is not None:   # 0: the budget solver's "no dense FFN"
+            continue
+        for other, key in fam.keys.items():
+            keys = key if isinstance(key, tuple) else (key,)
+            if other != canon and canon in keys:
+                w = getattr(t, other, None)
+                if w is not None and w != v:
+                    raise RecipeError(f"target sets {canon} {v} and {other} {w}, but a {fam.name} config's {canon} "
+                                      f"is its {other}; give one of them")
+                update[canon], update[other] = None, v
+    if not update:
+        return recipe
+    return recipe.model_copy(update={"target": t.model_copy(update=update)})
+
+
 def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,
                    model_type: str | None = None, layers_stage: str | None = None,
                    listed: list[int] | None = None) -> Dims:
     """The child's shape from the recipe's target, or a RecipeError if it is impossible.
     n_layers_from_stage / listed: the layer count and the kept layers that a stage's explicit list
-    fixes (layers_stage: that stage's name, for messages)."""
+    fixes (layers_stage: that stage's name, for messages). A shape the family's runtime cannot run
+    is refused too (Family.runtime)."""
+    recipe = own_keys(fam, recipe)
     t = recipe.target
     if parent.depths is not None:
         return resolve_staged(fam, parent, recipe, n_layers_from_stage, layers_stage, listed)
@@ -363,7 +388,9 @@ def resolve_target(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stag
         elif opt["num_experts_per_tok"] > opt["num_experts"]:
             raise RecipeError(f"target num_experts_per_tok {opt['num_experts_per_tok']} is more than its "
                               f"num_experts {opt['num_experts']}")
-    return Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
+    child = Dims(hidden, ffn, heads, kv, hd, layers, parent.vocab_size, **opt)
+    fam.check_runtime(child, parent)
+    return child
 
 
 def resolve_staged(fam: Family, parent: Dims, recipe: Recipe, n_layers_from_stage: int | None,

@@ -100,6 +100,8 @@ def kept_report(plan: Plan) -> dict:
             for ce, e in enumerate(experts if experts is not None else range(plan.parent.num_experts or 0)):
                 if (sp, (p, e)) in plan.kept:
                     d[f"{ci}.{ce}"] = plan.kept[(sp, (p, e))].tolist()
+        if sp.per == LAYER and (sp, None) in plan.kept:   # tensors outside the blocks (a pooling head)
+            d["outside"] = plan.kept[(sp, None)].tolist()
         out[sp.name] = d or "all"
     return out
 

@@ -224,11 +224,16 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     out["parent_pass"] = "shared with calibration" if parent_final is not None else "own"
     child_ck = open_checkpoint(child)
     try:
+        problems = runtime_problems(fam, ckpt, child_ck)
         cm = BlockModel(child_ck, fam, device, scratch)
         keys = _key_report(cm)
         if keys:
             out["child_keys"] = keys
         rm = RandomBlockModel(child_ck, fam, device, scratch, seed)
+        if problems:   # measure it anyway, with transformers' reference (eager) experts
+            out["runtime_problems"] = problems
+            for m in (cm, rm):
+                m.model.set_experts_implementation("eager")
         cm.share_buffers(bm)
         rm.share_buffers(bm)   # one set of weight-cast buffers, not one per model
         models = {"parent": bm, "child": cm, "random_init": rm}
@@ -246,8 +251,17 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     out["status"] = "ok"
     if gate:
         apply_gate(out, gate)
+    if out.get("runtime_problems"):
+        out["status"] = "failed"
     out["table"] = table(out)
     return out
+
+
+def runtime_problems(fam, parent: Checkpoint, child: Checkpoint) -> list[str]:
+    """What keeps transformers from running the child as loaded (the family's runtime
+    constraints, Family.runtime): a child written before shrinkit refused such shapes."""
+    pd, cd = fam.dims(parent.config), fam.dims(child.config)
+    return [f"{c.dim} {v}: {c.why}" for c, v in fam.runtime_problems(cd, pd)]
 
 
 def _rows_head(m: BlockModel, head: torch.nn.Module, rows: list):
@@ -450,6 +464,10 @@ def table(v: dict) -> list[str]:
     rows.append("")
     inputs = v.get("inputs") or f"{v['samples']} x {v['seq_len']} tokens"
     rows.append(f"Held-out data: {v['data']}, {inputs}." + (f" ({v['note']})" if "note" in v else ""))
+    if v.get("runtime_problems"):
+        rows.append("FAILED: transformers cannot run this child as loaded (" + "; ".join(v["runtime_problems"])
+                    + "); measured with experts_implementation=\"eager\". Re-cut it to a valid size, or load it "
+                    "with from_pretrained(..., experts_implementation=\"eager\").")
     if "gate" in v:
         g = v["gate"]
         limits = ", ".join(f"{k} {x:g}" for k, x in g["limits"].items())

@@ -335,6 +335,23 @@ for _mt in ("gemma", "gemma2", "gemma3_text"):
                                  _from("test_gemma", "real_parent", _mt), RMS_WIDTH_DEPTH)
 BENCH_CASES["phi3"] = BenchCase(_from("test_phi3", "phi3_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
                                 _from("test_phi3", "real_parent"), RMS_WIDTH_DEPTH)
+BENCH_CASES["modernbert"] = BenchCase(_from("test_modernbert", "modernbert_parent"),
+                                      dict(intermediate_size=64, num_hidden_layers=3), [2], "AutoModelForMaskedLM",
+                                      _from("test_modernbert", "real_parent"),
+                                      dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                           num_hidden_layers=3))
+BENCH_CASES["clip_vision_model"] = BenchCase(_from("test_clip", "clip_parent"), dict(intermediate_size=64,
+                                             num_hidden_layers=3), [2], "CLIPVisionModelWithProjection",
+                                             _from("test_clip", "real_parent"),
+                                             dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                                  num_hidden_layers=3), inputs="pixels")
+BENCH_CASES["siglip_vision_model"] = BenchCase(_from("test_siglip", "siglip_parent"), dict(intermediate_size=64,
+                                               num_hidden_layers=3), [2], "AutoModel",
+                                               _from("test_siglip", "real_parent"),
+                                               dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                                    num_hidden_layers=3), inputs="pixels")
+BENCH_CASES["olmo2"] = BenchCase(_from("test_olmo2", "olmo2_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
+                                 _from("test_olmo2", "real_parent"), RMS_WIDTH_DEPTH)
 
 
 # ---------------------------------------------------------------- vision

@@ -290,9 +290,101 @@ def test_moe_inspect_and_plan(tmp_path, write_recipe):
     assert r.exit_code == 2 and "num_experts_per_tok" in r.output
 
 
-def test_mixtral_has_no_dense_ffn(tmp_path, write_recipe):
+# ---------------------------------------------------------------- children that run as loaded
+MAG = [{"rank_neurons": {"method": "magnitude"}}, {"slice_embeddings": {}}]
+
+
+def cli_plan(parent, rec):
+    """exit code and stderr (with --json an error is also one JSON object on stdout)."""
+    r = CliRunner().invoke(app, ["plan", str(parent), "-r", str(rec), "--json"])
+    return r.exit_code, r.stderr if r.exit_code else r.output
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_plan_refuses_widths_the_experts_kernel_cannot_run(tmp_path, write_recipe, model_type):
+    """transformers' default experts kernel (grouped_mm) needs 16-byte row strides: expert widths
+    and the hidden size a multiple of 8. plan refuses others in one line naming the nearest valid
+    sizes (exit 2); the sizes next to them pass."""
+    parent = real_parent(tmp_path / "parent", model_type)
+    for target, near in (({"expert_intermediate_size": 30}, "use 24 or 32"), ({"hidden_size": 44}, "use 40 or 48"),
+                         ({"expert_intermediate_size": 5}, "use 8")):
+        code, out = cli_plan(parent, write_recipe({"target": target, "stages": MAG}))
+        assert code == 2, out
+        assert near in out and "grouped_mm" in out and len(out.strip().splitlines()) == 1, out
+    for target in ({"expert_intermediate_size": 24}, {"hidden_size": 40}, {"expert_intermediate_size": 32}):
+        code, out = cli_plan(parent, write_recipe({"target": target, "stages": MAG}))
+        assert code == 0, out
+
+
+def test_moe_child_at_odd_but_valid_widths_runs_with_from_pretrained_defaults(tmp_path):
+    """A child cut to expert width 24 and hidden 40 (float32 and bfloat16) runs in transformers
+    with no kwargs (default experts implementation) and gives finite logits."""
+    import transformers
+
     parent = real_parent(tmp_path / "parent", "mixtral")
-    rec = write_recipe({"target": {"intermediate_size": 16},
-                        "stages": [{"rank_neurons": {"method": "magnitude"}}, {"slice_embeddings": {}}]})
-    r = CliRunner().invoke(app, ["plan", str(parent), "-r", str(rec)])
-    assert r.exit_code == 2 and "expert_intermediate_size" in r.output
+    for dtype in ("float32", "bfloat16"):
+        run(parent, tmp_path / dtype, target={"expert_intermediate_size": 24, "hidden_size": 40,
+                                              "num_attention_heads": 2, "num_key_value_heads": 1},
+            stages=MAG, output={"dtype": dtype})
+        m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / dtype)
+        assert m.config._experts_implementation == "grouped_mm"
+        with torch.no_grad():
+            assert torch.isfinite(m(input_ids=tokens(96)).logits.float()).all()
+
+
+def test_mixtral_intermediate_size_is_its_experts_width(tmp_path, write_recipe):
+    """Mixtral's config key intermediate_size is its experts' FFN width: the target understands it
+    (the child config writes it back under the same key); both names at different sizes are refused."""
+    parent = real_parent(tmp_path / "parent", "mixtral")
+    code, out = cli_plan(parent, write_recipe({"target": {"intermediate_size": 16}, "stages": MAG}))
+    assert code == 0, out
+    assert json.loads(out)["child"]["expert_intermediate_size"] == 16
+    res = run(parent, tmp_path / "c", target={"intermediate_size": 16}, stages=MAG)
+    assert json.loads((res.out / "config.json").read_text())["intermediate_size"] == 16
+    assert load(res.out).model.layers[0].mlp.experts.down_proj.shape[-1] == 16
+    code, out = cli_plan(parent, write_recipe({"target": {"intermediate_size": 16, "expert_intermediate_size": 24},
+                                               "stages": MAG}))
+    assert code == 2 and "give one of them" in out, out
+    code, out = cli_plan(parent, write_recipe({"target": {"intermediate_size": 30}, "stages": MAG}))
+    assert code == 2 and "use 24 or 32" in out, out
+
+
+def test_moe_budget_solver_proposes_only_runnable_shapes(tmp_path):
+    """With multiple_of 4 the grid holds hidden sizes the experts kernel refuses (44, 52, ...);
+    the solver's choice and its alternatives are all multiples of 8."""
+    import shrinkit
+
+    parent = real_parent(tmp_path / "parent", "mixtral")
+    stages_ = [{"rank_neurons": {"method": "magnitude"}}, {"drop_layers": {"strategy": "middle"}}, {"slice_embeddings": {}}]
+    seen = set()
+    for ratio in (0.35, 0.45, 0.55, 0.7, 0.8):
+        s = shrinkit.plan(parent, {"target": {"params_ratio": ratio, "multiple_of": 4}, "stages": stages_})
+        seen.add(s["child"]["hidden_size"])
+        labels = [v for k, v in s["budget"].items() if k.startswith("alternative")] + [s["budget"]["shape"]]
+        for lab in labels:
+            assert int(lab.split("hidden ")[1].split(",")[0]) % 8 == 0, lab
+    assert all(h % 8 == 0 for h in seen), seen
+
+
+def test_verify_on_a_child_the_kernel_cannot_run_is_a_failed_check_not_an_internal_error(tmp_path, monkeypatch):
+    """A child written with expert width 30 (as shrinkit wrote before it refused such shapes):
+    `shrinkit verify` measures it with eager experts and exits 4 with the reason, never 1."""
+    from shrinkit.families.base import Family
+
+    parent = real_parent(tmp_path / "parent", "mixtral")
+    with monkeypatch.context() as mp:
+        mp.setattr(Family, "check_runtime", lambda *a: None)
+        run(parent, tmp_path / "c", target={"expert_intermediate_size": 30}, stages=MAG, output={"dtype": "float32"})
+    import transformers
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    with pytest.raises(RuntimeError, match="16 bytes"):   # the failure the check stands for
+        m(input_ids=tokens(96))
+    r = CliRunner().invoke(app, ["verify", str(parent), str(tmp_path / "c"), "--data", "random_tokens",
+                                 "--samples", "2", "--seq-len", "16"])
+    assert r.exit_code == 4, r.output
+    assert "internal error" not in r.output and "expert_intermediate_size 30" in r.output and "eager" in r.output
+    # the same child at a valid width verifies with exit 0
+    run(parent, tmp_path / "ok", target={"expert_intermediate_size": 24}, stages=MAG, output={"dtype": "float32"})
+    r = CliRunner().invoke(app, ["verify", str(parent), str(tmp_path / "ok"), "--data", "random_tokens",
+                                 "--samples", "2", "--seq-len", "16"])
+    assert r.exit_code == 0, r.output

@@ -121,6 +121,8 @@ def _reference(parent, child, ids, fam, seed, causal):
                 if h.dim() == 4:   # a convolutional model's feature map: its pooler (LayerNorm of the spatial mean)
                     pooled[k] = o.pooler_output.float()
                     continue
+                if fam.name == "clip_vision_model":   # its final norm (post_layernorm) is on the pooled CLS only
+                    h = o.pooler_output[:, None]
                 pooled[k] = h.float()[:, 0] if fam.block.pool == "first" else h.float().mean(1)
             ref = _pairwise(pooled["parent"])
             for k in ("child", "random_init"):

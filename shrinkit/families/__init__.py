@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
+from .clip import clip_vision_model
 from .convnext import convnext, convnextv2
 from .dinov2 import dinov2
 from .distilbert import distilbert
@@ -17,13 +18,18 @@ from .gemma import gemma, gemma2, gemma3_text
 from .gpt2 import gpt2
 from .gpt_neox import gpt_neox
 from .llama import llama
+from .modernbert import modernbert
 from .moe import mixtral, qwen2_moe, qwen3_moe
+from .olmo2 import olmo2
 from .phi3 import phi3
 from .roberta import roberta
+from .siglip import siglip_vision_model
 from .vit import vit
 
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
-                                gpt_neox, mixtral, qwen2_moe, qwen3_moe, convnext, convnextv2)
+                                gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2,
+                                modernbert, clip_vision_model,
+                                siglip_vision_model, convnext, convnextv2)
 
 
 def family_for(config: dict) -> Family:

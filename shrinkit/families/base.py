@@ -65,6 +65,22 @@ OPTIONAL = tuple(f.name for f in fields(Dims) if f.default is None and f.name no
 
 
 @dataclass(frozen=True)
+class Multiple:
+    """A shape constraint of the runtime a family's children are loaded into: the child's `dim`
+    (a Dims field) must be a multiple of `of`, or transformers' default kernels refuse to run
+    the child as loaded. `why` names the kernel and its rule (the plan's refusal quotes it)."""
+
+    dim: str
+    of: int
+    why: str
+
+    def nearest(self, value: int, parent: int) -> list[int]:
+        """The valid sizes nearest to `value` (below it, and above it up to the parent's)."""
+        lo, hi = value // self.of * self.of, -(-value // self.of) * self.of
+        return [v for v in (lo, hi) if 0 < v <= parent and v != value] or [parent]
+
+
+@dataclass(frozen=True)
 class Block:
     """How calibration and verification find and run this family's blocks in transformers'
     own modules (all paths are module names)."""
@@ -120,6 +136,10 @@ class Family:
     # README "Supported families" row: what is special about this family (tests check the table)
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # shape constraints of the runtime the children load into (transformers' default kernels):
+    # plan refuses a target that breaks one and the budget solver never proposes one; a size the
+    # parent itself has is accepted (the parent's own runtime limits are the parent's)
+    runtime: tuple[Multiple, ...] = ()
 
     # ---------------------------------------------------------------- config <-> dims
     def config_key(self, cfg: dict, canon: str) -> str | None:
@@ -233,6 +253,33 @@ class Family:
         for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
             out[k] = dtype_name
         return out
+
+    def runtime_problems(self, child: Dims, parent: Dims) -> list[tuple[Multiple, int]]:
+        """(constraint, child size) for every runtime constraint the child's dims break."""
+        out = []
+        for c in self.runtime:
+            v, p = getattr(child, c.dim), getattr(parent, c.dim)
+            if v is not None and v != p and v % c.of:
+                out.append((c, v))
+        return out
+
+    def check_runtime(self, child: Dims, parent: Dims) -> None:
+        """RecipeError (exit 2) naming the nearest valid sizes when the child's dims break a
+        runtime constraint (its children would be written but not run as loaded)."""
+        from ..errors import RecipeError
+
+        for c, v in self.runtime_problems(child, parent):
+            near = " or ".join(str(x) for x in c.nearest(v, getattr(parent, c.dim)))
+            raise RecipeError(f"target {c.dim} {v} would give a {self.name} child that transformers cannot run as "
+                              f"loaded: {c.why}; use {near}")
+
+    def check_layers(self, kept_layers: list[int]) -> None:
+        """RecipeError (exit 2) when the child cannot keep these parent layers (a family whose
+        first layer differs from the others keeps it first)."""
+
+    def pin_influence(self, influence: list[float]) -> list[float]:
+        """Layer influence as importance dropping ranks it: layers the family must keep get inf."""
+        return influence
 
     def max_positions(self, cfg: dict) -> int | None:
         """The longest sequence the model takes (its position table), or None where it has no limit."""

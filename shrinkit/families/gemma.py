@@ -139,6 +139,7 @@ gemma2 = Gemma(
     rules=ATTN + SANDWICH + ENDS,
     keys=KEYS,
     norm="rms",
+    heads_divide_hidden=("gemma2",),   # its transformers config validates hidden % heads == 0
     tie_default=True,
     write_head_dim=True,
     block=Block("AutoModelForCausalLM", "model", "layers",
@@ -159,6 +160,7 @@ gemma3_text = Gemma3(
     ) + SANDWICH + ENDS,
     keys=KEYS,
     norm="rms",
+    heads_divide_hidden=("gemma3_text",),   # its transformers config validates hidden % heads == 0
     tie_default=True,
     write_head_dim=True,
     block=dataclasses.replace(BLOCK, out_proj="self_attn.o_proj", down_proj="mlp.down_proj",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Block
+from .base import Block, Multiple
 from .llama import DENSE_MLP, SELF_ATTN, Llama
 from .spaces import Space as S, expert_rule, layer_rule, rule
 
@@ -196,6 +196,20 @@ ATTN_KEYS = {
 }
 
 
+# transformers' default experts implementation (grouped_mm: torch.nn.functional.grouped_mm on
+# CPU and CUDA) refuses operands whose row strides are not multiples of 16 bytes ("strides should
+# be multiple of 16 bytes"): the tokens' hidden vectors and the stacked gate_up_proj read along
+# hidden_size, the down projection's input and weight along the experts' FFN width. A multiple of
+# 8 elements is 16 bytes in bfloat16/float16 and 32 in float32, so the child runs in every dtype
+# shrinkit writes (and in the one a user may load it in).
+def _grouped_mm(dim: str) -> Multiple:
+    return Multiple(dim, 8, f"transformers' default experts kernel (grouped_mm) needs row strides of a multiple "
+                            f"of 16 bytes, so {dim} must be a multiple of 8 (16 bytes in bfloat16/float16)")
+
+
+GROUPED_MM = (_grouped_mm("hidden_size"), _grouped_mm("expert_intermediate_size"))
+
+
 def block(observe: dict) -> Block:
     return Block("AutoModelForCausalLM", "model", "layers", observe={S.Q_HEADS: "self_attn.o_proj", **observe},
                  final_norm="norm", head="lm_head", causal=True)
@@ -210,6 +224,7 @@ mixtral = MoE(
     norm="rms",
     tie_default=False,
     write_head_dim=True,
+    runtime=GROUPED_MM,
     block=block({}),
     notes="experts (`block_sparse_moe.experts.{e}.w1/w2/w3`) cut per expert and dropped by router load; "
           "router rows follow the kept experts",
@@ -233,6 +248,7 @@ qwen2_moe = MoE(
     norm="rms",
     tie_default=False,
     write_head_dim=True,
+    runtime=GROUPED_MM,
     block=block({S.FFN: "mlp.down_proj", S.SHARED_FFN: "mlp.shared_expert.down_proj"}),
     notes="experts cut and dropped by router load, shared expert and its gate, qkv biases, "
           "dense `mlp_only_layers` / `decoder_sparse_step` follow the kept layers",
@@ -247,6 +263,7 @@ qwen3_moe = MoE(
     norm="rms",
     tie_default=False,
     write_head_dim=True,
+    runtime=GROUPED_MM,
     block=block({S.FFN: "mlp.down_proj"}),
     notes="experts cut and dropped by router load, q/k norms, "
           "dense `mlp_only_layers` / `decoder_sparse_step` follow the kept layers",

@@ -11,8 +11,14 @@ class Activation(Method):
 
     def scores(self, ctx, stage, need, layers):
         from ..calibrate import activation_scores
+        from .base import outside_spaces
         spec = ctx.spec(stage)
-        return activation_scores(ctx.calibration(stage), ctx.plan, need), {"calibration": spec.model_dump()}
+        scores = activation_scores(ctx.calibration(stage), ctx.plan, need)
+        outside = outside_spaces(ctx.plan) & need
+        if outside:   # a pooling head outside the blocks (calibration runs only the blocks): by its weights
+            from .magnitude import magnitude_scores
+            scores = {**magnitude_scores(ctx.ckpt, ctx.plan, outside, set()), **scores}
+        return scores, {"calibration": spec.model_dump()}
 
 
 METHOD = Activation()

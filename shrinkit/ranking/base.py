@@ -79,6 +79,14 @@ def _stage_of_key(sp: Space, p, key) -> int | None:
     return key if sp.per == STAGE else p.stage_of(key)
 
 
+def outside_spaces(plan: Plan) -> set[Space]:
+    """Layer spaces that tensors outside the blocks hold too (a pooling head's heads and neurons:
+    their kept sets are keyed None; calibration runs only the blocks, so activation ranking
+    scores them by magnitude)."""
+    out = {sp for r in plan.family.rules if not r.per_layer for _, sp in r.spaces() if sp.per == LAYER}
+    return out | {sp.within for sp in out if sp.within is not None}
+
+
 def _pick_grouped(plan: Plan, sp: Space, inner: Space, key, method: Method, sc: Scores, gen) -> None:
     """Whole groups of `sp` (kv heads), each keeping the same number of `inner` units (query
     heads) chosen inside it; a group scores its own score plus its inner units' scores."""
@@ -137,4 +145,9 @@ def select(plan: Plan, method: Method, scores: Scores | None, layers: list[int],
             for sp in todo:
                 if sp.per == EXPERT:
                     one(sp, (layer, e))
+    # a layer space that a tensor outside the blocks also holds (SigLIP's pooling head: its attention
+    # heads and MLP neurons) gets a kept set of its own, keyed None
+    for sp in todo:
+        if sp in outside_spaces(plan):
+            one(sp, None)
     plan.ranked = True

@@ -132,6 +132,7 @@ class DropStage(Stage):
         if not self.chooses_later(cfg):
             plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers,
                                       depths=(plan.parent.depths, plan.child.depths))
+            plan.family.check_layers(plan.layers)
 
     def reads(self, cfg, ctx):
         if not self.chooses_later(cfg):
@@ -146,7 +147,8 @@ class DropStage(Stage):
             influence = layer_influence(ctx.calibration(self.name))
             info["influence"] = [round(x, 6) for x in influence]
             plan = ctx.plan
-            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers, influence,
+            plan.layers = keep_layers(cfg, plan.parent.num_hidden_layers, plan.child.num_hidden_layers,
+                                      plan.family.pin_influence(influence),
                                       depths=(plan.parent.depths, plan.child.depths))
         ctx.layers_chosen = True
         return info
