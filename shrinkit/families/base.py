@@ -64,6 +64,9 @@ class Block:
     down_proj: str | None = None    # the MLP output projection (writes into the residual stream)
     # post-norm blocks: the norm whose input is the residual stream (its output is the block's)
     residual_norm: str | None = None
+    # a per-channel scale (a parameter, relative to a block) applied to the MLP output projection's
+    # output before the residual add (DINOv2's layer scale): heal fits that output in its own units
+    down_scale: str | None = None
     # non-causal models: how verification pools a sequence into one embedding ("mean" over the
     # positions, or "first": the CLS position after final_norm), the keyword that feeds a model
     # its inputs, and extra keywords for every child forward call

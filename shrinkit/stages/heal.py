@@ -290,11 +290,11 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     in plan.replaced (name -> scratch safetensors file) and return the per-layer report."""
     from safetensors.torch import save_file
 
-    from ..calibrate import BlockModel, calibration_tokens
+    from ..calibrate import BlockModel
 
     spec = stage.calibration
-    ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
     fam = plan.family
+    ids = fam.calibration_inputs(ckpt, spec, plan.parent, seed=seed, tokenizer=tokenizer)
     if fam.block is None or not (fam.block.out_proj and fam.block.down_proj):
         raise RecipeError(f"heal does not support the {fam.name} family yet (its block description names no "
                           "output projections); remove the heal stage")
@@ -317,7 +317,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     hp = pm.embed(ids, spec.batch_size)
     hc = cm.embed(ids, spec.batch_size)
     post = ad.residual_norm  # post-norm families: the residual is this norm's input
-    step = min(pm.micro(spec.batch_size, ids.shape[1]), cm.micro(spec.batch_size, ids.shape[1]))
+    n_pos = fam.input_len(ckpt.config, ids)
+    step = min(pm.micro(spec.batch_size, n_pos), cm.micro(spec.batch_size, n_pos))
     nl = len(pm.layers)
     layers = list(plan.layers)
     report = []
@@ -368,7 +369,9 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                             res = cap["pre"]
                             target = _unnorm(layer.get_submodule(post), target, res)
                         w = _rms_weight(target if post else hp[s:s + step].to(dev), weighted)
-                        fit_down.add(cap["d_in"], target - res, w, ref=target)
+                        # with a layer scale the fit (and its relative error) is in the projection's units
+                        fit_down.add(cap["d_in"], _unscale(layer, ad.down_scale, target - res), w,
+                                     ref=_unscale(layer, ad.down_scale, target))
                     if update:
                         hc[s:s + step] = y.float().cpu()
         finally:
@@ -474,6 +477,17 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
         nxt += 1
     plan.replaced.update(replaced)
     return {"alpha": stage.alpha, "weight": stage.weight, "calibration": spec.model_dump(), "layers": report}
+
+
+def _unscale(layer: torch.nn.Module, scale: str | None, delta: torch.Tensor) -> torch.Tensor:
+    """The change of a projection's output that changes the residual by `delta` when the block
+    multiplies that output by a per-channel scale (layer scale) before adding it; where a scale is
+    ~0 no change of the output can help, and that channel asks for none."""
+    if not scale:
+        return delta
+    g = layer.get_parameter(scale).detach().float().to(delta.device)
+    ok = g.abs() > 1e-6
+    return torch.where(ok, delta / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(delta))
 
 
 def _unnorm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
