@@ -50,8 +50,8 @@ random's final accuracy and the speed-up), the grid, the accuracy by step, curve
 1-minute load average at the start and end of every run.
 
 Modes:
-  --quick   (default) a 2-core CPU in well under 20 minutes: 56 px images (4 x 4 patches),
-            5000 training and 1000 test images, batch 32, 300 steps, LRs 3e-4 and 1e-3
+  --quick   (default) a 2-core CPU in under 20 minutes when the machine is quiet: 56 px images
+            (4 x 4 patches), 5000 training and 500 test images, batch 32, 200 steps, LRs 3e-4 and 1e-3
   --full    a GPU: 112 px, 20000 / 5000 images, batch 128, 2000 steps, LRs 1e-4, 3e-4, 1e-3
   --steps, --size, --train, --test, --batch, --lrs, --eval-every override the mode.
 
@@ -98,7 +98,7 @@ ARM_SPECS = {
     "magnitude": "rank:magnitude,drop:middle,rescale:1,heal:0",
 }
 MODES = {
-    "quick": {"size": 56, "train": 5000, "test": 1000, "batch": 32, "steps": 300, "lrs": "3e-4,1e-3", "eval_every": 25},
+    "quick": {"size": 56, "train": 5000, "test": 500, "batch": 32, "steps": 200, "lrs": "3e-4,1e-3", "eval_every": 20},
     "full": {"size": 112, "train": 20000, "test": 5000, "batch": 128, "steps": 2000, "lrs": "1e-4,3e-4,1e-3",
              "eval_every": 100},
 }
@@ -240,14 +240,17 @@ def subclone(parent: Path, rec: dict, name: str, work: Path) -> tuple[Path | Non
     rp.write_text(yaml.safe_dump(rec, sort_keys=False))
     out = work / "children" / name
     cmd = [sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "--recipe", str(rp), "--out", str(out),
-           "--force", "--quiet"]
+           "--force", "--quiet", "--skip-if-current"]   # a child already there from the same recipe is reused
     t = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t
     if p.returncode not in (0, 4):
         return None, secs, f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"
-    return out, secs, json.loads((out / "shrinkit_report.json").read_text())
+    rep = json.loads((out / "shrinkit_report.json").read_text())
+    if "skipped" in p.stdout + p.stderr:
+        rep["reused"] = True
+    return out, secs, rep
 
 
 def load_model(child: Path | None, random_from: Path):
@@ -360,6 +363,7 @@ def train(model, n_classes, xtr, ytr, xte, yte, *, lr: float, steps: int, batch:
             curve["acc"].append(acc)
             curve["loss"].append(tl)
             curve["train_loss"].append(sum(losses[-eval_every:]) / len(losses[-eval_every:]))
+            log(f"  step {step + 1}: test acc {acc:.3f}, loss {tl:.3f} ({time.perf_counter() - t0:.0f} s, load {load1()})")
     curve["seconds"] = round(time.perf_counter() - t0, 1)
     curve["final_acc"] = curve["acc"][-1] if "diverged_at" not in curve else 0.0
     return curve
@@ -504,6 +508,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=256, help="task images written for `calib:task` arms")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--no-random", action="store_true", help="leave the random arm out (no speed-up column)")
     for k in ("size", "train", "test", "batch", "steps", "eval_every"):
         ap.add_argument("--" + k.replace("_", "-"), type=int)
     ap.add_argument("--lrs")
@@ -534,8 +539,10 @@ def main(argv=None) -> int:
         n = extra.partition("=")[0]
         if n not in arms:
             arms.append(n)
-    if "random" not in arms:
+    if "random" not in arms and not args.no_random:
         arms.append("random")
+    if args.no_random and "random" in arms:
+        arms.remove("random")
     R = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "mode": mode,
          "machine": machine(args.device), "command": "python bench/vision_train.py "
          + " ".join(argv if argv is not None else sys.argv[1:]), "config": cfg, "target": target,
@@ -570,12 +577,14 @@ def main(argv=None) -> int:
         child, secs, rep = subclone(parent, recipe(spec, target, calib_task), name, out)
         phase(f"subclone {name}", l0)
         a = R["arms"][name] = {"spec": specs[name], "subclone_s": round(secs, 1)}
+        if isinstance(rep, dict) and rep.get("reused"):
+            a["subclone_s"] = "reused"
         if child is None:
             a["error"] = f"subclone failed ({rep})"
             log(f"{name}: {a['error']}")
             continue
         children[name] = child
-        a["kept_layers"] = rep.get("kept_layers")
+        a["kept_layers"] = (rep.get("kept") or {}).get("layers")
         a["verify"] = {k: rep.get("verify", {}).get(k) for k in ("child", "random_init")} if rep.get("verify") else None
         if rep.get("heal"):
             a["heal"] = rep["heal"].get("layers") if isinstance(rep["heal"], dict) else rep["heal"]
@@ -583,8 +592,9 @@ def main(argv=None) -> int:
     random_from = next(iter(children.values()), None)
     if random_from is None:
         raise SystemExit("no arm could be written, so the random arm has no config to copy; see the errors above")
-    R["arms"]["random"] = {"spec": None, "verify": None}
-    order = [a for a in arms if a != "random"] + ["random"]
+    if "random" in arms:
+        R["arms"]["random"] = {"spec": None, "verify": None}
+    order = [a for a in arms if a != "random"] + (["random"] if "random" in arms else [])
     R["arms"] = {n: R["arms"][n] for n in order if n in R["arms"]}
     for name in order:
         a = R["arms"][name]
@@ -610,7 +620,7 @@ def main(argv=None) -> int:
             log(f"{name} LR {fmt_lr(lr)}: acc {cur['acc'][0]:.3f} -> {cur['final_acc']:.3f} "
                 f"(loss {cur['loss'][-1]:.3f}) in {cur['seconds']:.0f} s, load {load1()}")
         a["best_lr"] = max(a["runs"], key=lambda k: a["runs"][k]["final_acc"])
-    if "runs" in R["arms"]["random"]:
+    if "runs" in R["arms"].get("random", {}):
         rr = R["arms"]["random"]
         R["random_final_acc"] = target_acc = rr["runs"][rr["best_lr"]]["final_acc"]
         for name, a in R["arms"].items():
