@@ -241,14 +241,16 @@ def subclone(parent: Path, rec: dict, name: str, work: Path) -> tuple[Path | Non
     out = work / "children" / name
     cmd = [sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "--recipe", str(rp), "--out", str(out),
            "--force", "--quiet", "--skip-if-current"]   # a child already there from the same recipe is reused
+    rp_out = out / "shrinkit_report.json"
+    before = rp_out.stat().st_mtime_ns if rp_out.exists() else None
     t = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t
     if p.returncode not in (0, 4):
         return None, secs, f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"
-    rep = json.loads((out / "shrinkit_report.json").read_text())
-    if "skipped" in p.stdout + p.stderr:
+    rep = json.loads(rp_out.read_text())
+    if before is not None and rp_out.stat().st_mtime_ns == before:
         rep["reused"] = True
     return out, secs, rep
 
@@ -433,11 +435,12 @@ def markdown(R: dict) -> str:
         vs = (f"{v['child']['similarity_spearman']:.3f} / {v['random_init']['similarity_spearman']:.3f}"
               if v.get("child", {}).get("similarity_spearman") is not None else "-")
         st = a.get("steps_to_random")
+        st = "-" if target is None else st if st is not None else "not reached"
         sp = f"{a['speedup']:.1f}x" if a.get("speedup") else "-"
         L.append(f"| {name} | {a.get('spec', 'transformers init')} | {a.get('subclone_s', '-')} | "
                  f"{a.get('kept_layers') or '-'} | {vs} | {a.get('probe', float('nan')):.3f} | "
                  f"{fmt_lr(float(best)) if best else '-'} | {cur['final_acc']:.3f} | {cur['loss'][-1]:.3f} | "
-                 f"{st if st is not None else 'not reached'} | {sp} |")
+                 f"{st} | {sp} |")
     L += ["", "Final test accuracy by backbone LR:", "",
           "| arm | " + " | ".join(fmt_lr(x) for x in c["lrs"]) + " |", "|---|" + "---:|" * len(c["lrs"])]
     for name, a in R["arms"].items():
