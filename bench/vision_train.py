@@ -419,7 +419,6 @@ def markdown(R: dict) -> str:
          f"AdamW wd {WEIGHT_DECAY}, warmup {WARMUP:.0%} then cosine, head LR {fmt_lr(HEAD_LR)}, backbone LR best of "
          f"{[fmt_lr(x) for x in c['lrs']]} by final test accuracy; pooled output: `{c['pool']}`; "
          f"evaluation every {c['eval_every']} steps", ""]
-    rnd = R["arms"].get("random", {})
     target = R.get("random_final_acc")
     L.append("| arm | recipe | subclone s | kept layers | verify: CLS sim. Spearman (child / random) | "
              "probe acc at init | best LR | test acc final | test loss final | steps to random's final acc"
@@ -434,11 +433,12 @@ def markdown(R: dict) -> str:
         v = (a.get("verify") or {})
         vs = (f"{v['child']['similarity_spearman']:.3f} / {v['random_init']['similarity_spearman']:.3f}"
               if v.get("child", {}).get("similarity_spearman") is not None else "-")
+        pr = f"{a['probe']:.3f}" if "probe" in a else "-"
         st = a.get("steps_to_random")
         st = "-" if target is None else st if st is not None else "not reached"
         sp = f"{a['speedup']:.1f}x" if a.get("speedup") else "-"
         L.append(f"| {name} | {a.get('spec', 'transformers init')} | {a.get('subclone_s', '-')} | "
-                 f"{a.get('kept_layers') or '-'} | {vs} | {a.get('probe', float('nan')):.3f} | "
+                 f"{a.get('kept_layers') or '-'} | {vs} | {pr} | "
                  f"{fmt_lr(float(best)) if best else '-'} | {cur['final_acc']:.3f} | {cur['loss'][-1]:.3f} | "
                  f"{st} | {sp} |")
     L += ["", "Final test accuracy by backbone LR:", "",
@@ -456,7 +456,6 @@ def markdown(R: dict) -> str:
         for i, s in enumerate(steps):
             L.append(f"| {s} | " + " | ".join(f"{cv['acc'][i]:.3f}" if i < len(cv["acc"]) else "-"
                                               for cv in curves.values()) + " |")
-    del rnd
     return "\n".join(L) + "\n"
 
 
