@@ -20,8 +20,9 @@ heads, FFN 768, 6 layers). Arms, all of that exact shape, written by the shrinki
 (`python -m shrinkit.cli subclone PARENT --recipe R --out DIR --force --quiet`, which verifies
 each child on the built-in held-out images) except random:
 
-  shrinkit          rank_neurons activation (calibration: 64 built-in images), drop_layers
-                    importance (Block Influence), rescale_norms: the shipped recipes' stages
+  shrinkit-first    rank_neurons activation (calibration: 64 built-in images), drop_layers first
+                    (the first N layers), rescale_norms: recipes/dinov2-small-to-vit-tiny-6l.yaml
+  shrinkit          the same with drop_layers importance (Block Influence on the same images)
   shrinkit-heal     the same plus heal (refit of each kept block's output projections), where the
                     parent's family has a heal description
   weight-selection  Xu et al. 2023: rank_neurons uniform (evenly spaced indices), drop_layers
@@ -90,8 +91,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")
 DEFAULT_TARGET = {"hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 768, "num_hidden_layers": 6}
-DEFAULT_ARMS = ("shrinkit", "shrinkit-heal", "weight-selection", "magnitude", "random")
+DEFAULT_ARMS = ("shrinkit-first", "shrinkit", "shrinkit-heal", "weight-selection", "magnitude", "random")
 ARM_SPECS = {
+    "shrinkit-first": "rank:activation,drop:first,rescale:1,heal:0,calib:builtin",
     "shrinkit": "rank:activation,drop:importance,rescale:1,heal:0,calib:builtin",
     "shrinkit-heal": "rank:activation,drop:importance,rescale:1,heal:1,calib:builtin",
     "weight-selection": "rank:uniform,drop:first,rescale:0,heal:0",
@@ -105,7 +107,7 @@ MODES = {
 HEAD_LR = 1e-3
 WEIGHT_DECAY = 0.05
 WARMUP = 0.1
-COLORS = {"shrinkit": "tab:red", "shrinkit-heal": "tab:purple", "weight-selection": "tab:blue",
+COLORS = {"shrinkit-first": "tab:green", "shrinkit": "tab:red", "shrinkit-heal": "tab:purple", "weight-selection": "tab:blue",
           "magnitude": "tab:orange", "random": "tab:gray"}
 
 
