@@ -354,3 +354,44 @@ def test_max_change_bounds_every_refit_on_a_live_cut(tmp_path, kind):
     run(pl.path, tmp_path / "free", target=target,
         stages=stages[:2] + [{"heal": {"calibration": CALIB, "max_change": None}}] + stages[2:])
     assert max(change(tmp_path / "free").values()) > 0.06
+
+
+def test_dinov2_heal_fits_through_the_layer_scale(tmp_path, monkeypatch):
+    """A pre-norm ViT with layer scale (DINOv2): heal calibrates on images; a child cut to the
+    planted parent's dead parts stays exact; on a live cut heal brings the child's output on the
+    calibration images closer to the parent's, and fitting the MLP output as if there were no
+    layer scale (negative control) does worse."""
+    import transformers
+
+    from shrinkit.images import calibration_pixels
+    from shrinkit.stages import heal as heal_mod
+
+    pl = planted.dinov2(tmp_path / "p", dead_ffn=64)
+    calib = {"samples": 8}
+    rank = {"rank_neurons": {"method": "activation", "calibration": calib}}
+    fit = {"heal": {"calibration": calib}}
+    target = dict(intermediate_size=64, num_hidden_layers=3)  # mlp_ratio 1
+    keep = [i for i in range(4) if i not in pl.dead_layers]
+    res = run(pl.path, tmp_path / "exact", target=target,
+              stages=[rank, {"drop_layers": {"keep": keep}}, fit, {"slice_embeddings": {}}])
+    for layer in heal_report(res):
+        assert max(layer["attn_rel_err"] + layer["residual_rel_err"]) < 1e-6, layer
+
+    x = calibration_pixels(pl.path, "builtin", 8)
+
+    def out(path):
+        with torch.no_grad():
+            return transformers.AutoModel.from_pretrained(str(path)).eval()(pixel_values=x).last_hidden_state
+
+    ref = out(pl.path)
+    live = [0, 2, 3]  # drops the live layer 1
+    cut = [rank, {"drop_layers": {"keep": live}}]
+    run(pl.path, tmp_path / "plain", target=target, stages=cut + [{"slice_embeddings": {}}])
+    res = run(pl.path, tmp_path / "healed", target=target, stages=cut + [fit, {"slice_embeddings": {}}])
+    first = heal_report(res)[0]  # parent layer 0: its fit absorbs the dropped layer 1
+    assert first["residual_rel_err"][1] < first["residual_rel_err"][0]
+    plain, healed = rel_err(out(tmp_path / "plain"), ref), rel_err(out(tmp_path / "healed"), ref)
+    assert healed < 0.9 * plain, (healed, plain)
+    monkeypatch.setattr(heal_mod, "_unscale", lambda layer, scale, delta: delta)
+    run(pl.path, tmp_path / "unscaled", target=target, stages=cut + [fit, {"slice_embeddings": {}}])
+    assert rel_err(out(tmp_path / "unscaled"), ref) > 1.05 * healed

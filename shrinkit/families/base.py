@@ -105,6 +105,9 @@ class Block:
     # sandwich-norm blocks (Gemma 2/3): the norm applied to down_proj's output before it is added
     # to the residual stream (heal fits the projection's output that this norm maps onto the target)
     down_norm: str | None = None
+    # a per-channel scale (a parameter, relative to a block) applied to the MLP output projection's
+    # output before the residual add (DINOv2's layer scale): heal fits that output in its own units
+    down_scale: str | None = None
     # non-causal models: how verification pools a sequence into one embedding ("mean" over the
     # positions, or "first": the CLS position after final_norm), the keyword that feeds a model
     # its inputs, and extra keywords for every child forward call

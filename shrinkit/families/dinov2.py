@@ -80,9 +80,11 @@ class Dinov2(Vision):
 E = "encoder.layer"
 SWI = Fused((S.FFN, S.FFN))                 # weights_in: gate rows, then up rows
 BACKBONE = Block("AutoModel", "", "encoder.layer", observe={S.Q_HEADS: "attention.o_proj", S.FFN: "mlp.fc2"},
-                 final_norm="layernorm", causal=False, pool="first", input_name="pixel_values")
+                 final_norm="layernorm", causal=False, pool="first", input_name="pixel_values",
+                 out_proj="attention.o_proj", down_proj="mlp.fc2", down_scale="layer_scale2.lambda1")
 SWIGLU = Block("AutoModel", "", "encoder.layer", observe={S.Q_HEADS: "attention.o_proj", S.FFN: "mlp.down_proj"},
-               final_norm="layernorm", causal=False, pool="first", input_name="pixel_values")
+               final_norm="layernorm", causal=False, pool="first", input_name="pixel_values",
+               out_proj="attention.o_proj", down_proj="mlp.down_proj", down_scale="layer_scale2.lambda1")
 
 dinov2 = Dinov2(
     name="dinov2",

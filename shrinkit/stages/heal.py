@@ -42,7 +42,7 @@ from ..families.spaces import Space
 from ..malloc import trim
 from ..plan import Plan
 from ..specs import Calibration, Strict
-from .base import Context, Read, Stage
+from .base import Context, Read, Stage, data_what
 from .slice import slice_blocks
 
 
@@ -379,11 +379,10 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     from safetensors.torch import save_file
 
     from ..runtime import BlockModel
-    from ..text import calibration_tokens
 
     spec = stage.calibration
-    ids = calibration_tokens(ckpt, spec, plan.parent.vocab_size, seed=seed, tokenizer=tokenizer)
     fam = plan.family
+    ids = fam.calibration_inputs(ckpt, spec, plan.parent, seed=seed, tokenizer=tokenizer)
     if fam.block is None or not (fam.block.out_proj and fam.block.down_proj):
         raise RecipeError(f"heal does not support the {fam.name} family yet (its block description names no "
                           "output projections); remove the heal stage")
@@ -407,7 +406,8 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
     hc = cm.embed(ids, spec.batch_size)
     post = ad.residual_norm  # post-norm families: the residual is this norm's input
     dnorm = getattr(ad, "down_norm", None)  # sandwich norms: down_proj's output is normalized first
-    step = min(pm.micro(spec.batch_size, ids.shape[1]), cm.micro(spec.batch_size, ids.shape[1]))
+    n_pos = fam.input_len(ckpt.config, ids)
+    step = min(pm.micro(spec.batch_size, n_pos), cm.micro(spec.batch_size, n_pos))
     nl = len(pm.layers)
     layers = list(plan.layers)
     report = []
@@ -467,7 +467,9 @@ def heal(ckpt: Checkpoint, plan: Plan, stage, *, seed: int = 0, device: str = "c
                             want = target - (y.float() - cap["n_out"].float())
                             target = _unnorm_rms(layer.get_submodule(dnorm), want, res)
                         w = _rms_weight(target if (post or dnorm) else hp[s:s + step].to(dev), weighted)
-                        fit_down.add(cap["d_in"], target - res, w, ref=target)
+                        # with a layer scale the fit (and its relative error) is in the projection's units
+                        fit_down.add(cap["d_in"], _unscale(layer, ad.down_scale, target - res), w,
+                                     ref=_unscale(layer, ad.down_scale, target))
                     if update:
                         hc[s:s + step] = y
         finally:
@@ -623,6 +625,17 @@ def _unnorm_rms(norm: torch.nn.Module, v: torch.Tensor, u: torch.Tensor) -> torc
     return torch.where(ru > 1e-30, q * (ru / rq), q)  # a token the projection writes nothing for: v / g
 
 
+def _unscale(layer: torch.nn.Module, scale: str | None, delta: torch.Tensor) -> torch.Tensor:
+    """The change of a projection's output that changes the residual by `delta` when the block
+    multiplies that output by a per-channel scale (layer scale) before adding it; where a scale is
+    ~0 no change of the output can help, and that channel asks for none."""
+    if not scale:
+        return delta
+    g = layer.get_parameter(scale).detach().float().to(delta.device)
+    ok = g.abs() > 1e-6
+    return torch.where(ok, delta / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(delta))
+
+
 def _unnorm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """A LayerNorm input z* with norm(z*) = y, at the per-token mean and spread of z (the
     child's own pre-norm residual): z* = mean(z) + std(z) * (y - bias) / weight. Exact whenever
@@ -663,14 +676,16 @@ class HealStage(Stage):
         plan = ctx.plan
         if plan is not None and plan.child.num_hidden_layers == plan.parent.num_hidden_layers:
             return "no layer is dropped (when: auto)"
-        if not has_text(ctx, ctx.recipe.calibration_for(self.name)):
-            return "no tokenizer for the calibration text (when: auto)"
+        if not has_data(ctx, ctx.recipe.calibration_for(self.name)):
+            what = "tokenizer for the calibration text" if fam.random_data == "random_tokens" \
+                else "image processor config for the calibration images"
+            return f"no {what} (when: auto)"
         return None
 
     def reads(self, cfg, ctx):
         if self.skip_reason(cfg, ctx) is not None:
             return []
-        return [Read(self.name, self.name, "calibration text", ctx.recipe.calibration_for(self.name))]
+        return [Read(self.name, self.name, data_what(ctx), ctx.recipe.calibration_for(self.name))]
 
     def run(self, cfg, ctx):
         ctx.selected()
@@ -679,10 +694,12 @@ class HealStage(Stage):
                     scratch=ctx.scratch, progress=ctx.progress)
 
 
-def has_text(ctx: Context, spec: Calibration) -> bool:
-    """Whether calibration text can be formed: random tokens, or a tokenizer for the text."""
-    from ..text import has_tokenizer
-    return spec.data == "random_tokens" or bool(ctx.tokenizer) or has_tokenizer(ctx.ckpt.root)
+def has_data(ctx: Context, spec: Calibration) -> bool:
+    """Whether calibration inputs can be formed: the family's random data, a named file or folder,
+    or its data source for builtin data (a tokenizer for text, an image processor config)."""
+    from ..families import family_for
+    fam = family_for(ctx.ckpt.config)
+    return spec.data == fam.random_data or fam.has_data_source(ctx.ckpt.root, ctx.tokenizer)
 
 
 STAGE = HealStage()
