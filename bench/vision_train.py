@@ -51,8 +51,9 @@ random's final accuracy and the speed-up), the grid, the accuracy by step, curve
 1-minute load average at the start and end of every run.
 
 Modes:
-  --quick   (default) a 2-core CPU in under 20 minutes when the machine is quiet: 56 px images
-            (4 x 4 patches), 5000 training and 500 test images, batch 32, 200 steps, LRs 3e-4 and 1e-3
+  --quick   (default) sized for a 2-core CPU: 56 px images (4 x 4 patches), 5000 training and 500
+            test images, batch 32, 200 steps, LRs 3e-4 and 1e-3 (a 200-step run took 51-112 s at load
+            4-9 with OMP_NUM_THREADS=1; the whole mode was not timed end to end, BENCHMARKS.md 10)
   --full    a GPU: 112 px, 20000 / 5000 images, batch 128, 2000 steps, LRs 1e-4, 3e-4, 1e-3
   --steps, --size, --train, --test, --batch, --lrs, --eval-every override the mode.
 
@@ -257,13 +258,13 @@ def subclone(parent: Path, rec: dict, name: str, work: Path) -> tuple[Path | Non
     return out, secs, rep
 
 
-def load_model(child: Path | None, random_from: Path):
+def load_model(child: Path | None, random_from: Path, seed: int = 0):
     import transformers
 
     if child is not None:
         return transformers.AutoModel.from_pretrained(child, dtype=torch.float32)
     cfg = transformers.AutoConfig.from_pretrained(random_from)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return transformers.AutoModel.from_config(cfg, dtype=torch.float32)
 
 
@@ -324,8 +325,8 @@ def lr_mult(step: int, steps: int) -> float:
 
 
 def train(model, n_classes, xtr, ytr, xte, yte, *, lr: float, steps: int, batch: int, eval_every: int, pool: str,
-          device: str) -> dict:
-    torch.manual_seed(0)
+          device: str, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
     model.to(device)
     head = torch.nn.Linear(width(model), n_classes).to(device)
     torch.nn.init.zeros_(head.weight)
@@ -336,7 +337,7 @@ def train(model, n_classes, xtr, ytr, xte, yte, *, lr: float, steps: int, batch:
                              {"params": rest, "lr": lr, "weight_decay": 0.0},
                              {"params": list(head.parameters()), "lr": HEAD_LR, "weight_decay": 0.0}])
     base = [g["lr"] for g in opt.param_groups]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed + 1)
     order = torch.cat([torch.randperm(len(xtr), generator=g) for _ in range(steps * batch // len(xtr) + 1)])
     xte_d, yte_d = xte.to(device), yte.to(device)
     acc, loss = evaluate(model, head, xte_d, yte_d, pool)
@@ -512,6 +513,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=256, help="task images written for `calib:task` arms")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="training seed: head init, batch order, random init (default 0)")
     ap.add_argument("--no-random", action="store_true", help="leave the random arm out (no speed-up column)")
     for k in ("size", "train", "test", "batch", "steps", "eval_every"):
         ap.add_argument("--" + k.replace("_", "-"), type=int)
@@ -607,7 +609,7 @@ def main(argv=None) -> int:
         child = children.get(name)
         if not args.no_probe:
             l0 = load1()
-            model = load_model(child, random_from)
+            model = load_model(child, random_from, args.seed)
             R["params"] = sum(p.numel() for p in model.parameters())
             a["probe"] = probe(model, xtr[:2000], ytr[:2000], xte, yte, cfg["pool"], len(classes))
             phase(f"probe {name}", l0)
@@ -615,10 +617,10 @@ def main(argv=None) -> int:
         a["runs"] = {}
         for lr in cfg["lrs"]:
             l0 = load1()
-            model = load_model(child, random_from)
+            model = load_model(child, random_from, args.seed)
             R["params"] = sum(p.numel() for p in model.parameters())
             cur = train(model, len(classes), xtr, ytr, xte, yte, lr=lr, steps=cfg["steps"], batch=cfg["batch"],
-                        eval_every=cfg["eval_every"], pool=cfg["pool"], device=args.device)
+                        eval_every=cfg["eval_every"], pool=cfg["pool"], device=args.device, seed=args.seed)
             phase(f"train {name} LR {fmt_lr(lr)}", l0)
             a["runs"][str(lr)] = cur
             log(f"{name} LR {fmt_lr(lr)}: acc {cur['acc'][0]:.3f} -> {cur['final_acc']:.3f} "
