@@ -744,7 +744,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-max-change", type=float, help="the heal stage's max_change in the activation-heal arm "
                     "(default: the stage's; the activation-heal-unbounded arm has none)")
     ap.add_argument("--warmup-steps", type=int, help=f"linear warmup over this many updates, 0 for none "
-                    f"(default: {WARMUP_FRAC:.0%} of the steps, at least 1)")
+                    f"(default: {WARMUP_FRAC * 100:.0f}%% of the steps, at least 1)")
     ap.add_argument("--parent", choices=("smollm2", "gemma3"), default="smollm2",
                     help="the LM parent (bench/assets.py): SmolLM2-135M-Instruct (default) or Gemma 3 270M")
     ap.add_argument("--skip-parent-ppl", action="store_true",
