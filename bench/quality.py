@@ -61,6 +61,12 @@ Modes:
                at each arm's best LR and at each LR of the grid)
   --drop-layers S   drop_layers strategy of the shrinkit arms (default: the --recipe's)
   --heal-alpha A    the activation-heal arm's heal alpha (default: the stage's)
+  --heal-max-change M  the activation-heal arm's heal max_change (default: the stage's); the
+                    activation-heal-unbounded arm heals with max_change: null (the fit before the bound)
+  --warmup-steps N  linear warmup over N updates, 0 for none (default: 5 % of the steps)
+  --parent gemma3   Gemma 3 270M instead of SmolLM2 (with --recipe bench/recipes/gemma3-270m-heal.yaml)
+  --results-name S, --skip-parent-ppl   for grids split into one process per arm / LR / warmup
+                    (bench/heal_grid_report.py joins them into one table and plot)
   --lock FILE       flock FILE for the subclones and for each training run separately
   --keep-children / --reuse-children   keep the children; reuse them (same --out, same recipe)
 
@@ -738,7 +744,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-max-change", type=float, help="the heal stage's max_change in the activation-heal arm "
                     "(default: the stage's; the activation-heal-unbounded arm has none)")
     ap.add_argument("--warmup-steps", type=int, help=f"linear warmup over this many updates, 0 for none "
-                    f"(default: {WARMUP_FRAC:.0%} of the steps, at least 1)")
+                    f"(default: {WARMUP_FRAC * 100:.0f}%% of the steps, at least 1)")
     ap.add_argument("--parent", choices=("smollm2", "gemma3"), default="smollm2",
                     help="the LM parent (bench/assets.py): SmolLM2-135M-Instruct (default) or Gemma 3 270M")
     ap.add_argument("--skip-parent-ppl", action="store_true",

@@ -234,12 +234,12 @@ def test_layer_types_from_the_pattern_follow_the_kept_layers(model_type, pattern
     assert fam.child_config(cfg, child, [0, 7], "float32")["layer_types"] == [types[7], types[0]]
 
 
-@pytest.mark.parametrize("max_change", [None, 0.5])
-def test_gemma3_heal_keeps_a_planted_cut_exact(tmp_path, parent, max_change):
-    """Gemma 3's sandwich norms: heal fits the down projection's output that the post-feedforward
+@pytest.mark.parametrize("model_type,max_change", [("gemma3_text", None), ("gemma3_text", 0.5), ("gemma2", 0.5)])
+def test_gemma_heal_keeps_a_planted_cut_exact(tmp_path, parent, model_type, max_change):
+    """Gemma 2/3's sandwich norms: heal fits the down projection's output that the post-feedforward
     norm maps onto the target. A planted cut stays exact; a live layer dropped instead (negative
     control) is fitted (its residual error goes down) but not exact."""
-    pl = parent("gemma3_text")
+    pl = parent(model_type)
     heal = {"heal": {"calibration": CALIB, "max_change": max_change}}
     st = act_stages()
     st = st[:2] + [heal] + st[2:]
@@ -256,3 +256,29 @@ def test_gemma3_heal_keeps_a_planted_cut_exact(tmp_path, parent, max_change):
     first = next(s for s in res.report["stages"] if s["stage"] == "heal")["layers"][0]
     assert first["residual_rel_err"][0] > 1e-2 and first["residual_rel_err"][1] < 0.9 * first["residual_rel_err"][0]
     assert rel_err(logits(tmp_path / "neg", ids), ref) > 1e-3
+
+
+def test_gemma3_heal_through_the_post_feedforward_norm(tmp_path):
+    """A live cut (a live layer dropped, nothing planted dead): the unbounded fit through the
+    post-feedforward norm brings the child's logits closer to the parent's than no heal does;
+    negative control: the same fit treating the projection's output as the residual's update
+    (no down_norm) gets less of the way."""
+    import dataclasses
+    import importlib
+
+    gm = importlib.import_module("shrinkit.families.gemma")
+    pl = gemma_like(tmp_path / "p", "gemma3_text", dead_layers=())
+    ids = tokens(96)
+    ref = logits(pl.path, ids)
+    st = [s if "drop_layers" not in s else {"drop_layers": {"keep": [0, 2, 3]}} for s in act_stages()]
+    healed = st[:2] + [{"heal": {"calibration": CALIB, "max_change": None}}] + st[2:]
+    run(pl.path, tmp_path / "plain", target=TARGET, stages=st)
+    run(pl.path, tmp_path / "healed", target=TARGET, stages=healed)
+    fam, block = gm.gemma3_text, gm.gemma3_text.block
+    object.__setattr__(fam, "block", dataclasses.replace(block, down_norm=None))  # a frozen dataclass
+    try:
+        run(pl.path, tmp_path / "no_norm", target=TARGET, stages=healed)
+    finally:
+        object.__setattr__(fam, "block", block)
+    plain, good, bad = (rel_err(logits(tmp_path / n, ids), ref) for n in ("plain", "healed", "no_norm"))
+    assert good < 0.9 * plain and good < 0.95 * bad, (plain, good, bad)
