@@ -53,7 +53,7 @@ random's final accuracy and the speed-up), the grid, the accuracy by step, curve
 Modes:
   --quick   (default) sized for a 2-core CPU: 56 px images (4 x 4 patches), 5000 training and 500
             test images, batch 32, 200 steps, LRs 3e-4 and 1e-3 (a 200-step run took 51-112 s at load
-            4-9 with OMP_NUM_THREADS=1; the whole mode was not timed end to end, BENCHMARKS.md 10)
+            4-9 with OMP_NUM_THREADS=1; the whole mode was not timed end to end, BENCHMARKS.md 14)
   --full    a GPU: 112 px, 20000 / 5000 images, batch 128, 2000 steps, LRs 1e-4, 3e-4, 1e-3
   --steps, --size, --train, --test, --batch, --lrs, --eval-every override the mode.
 
