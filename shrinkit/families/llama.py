@@ -32,6 +32,10 @@ DENSE_MLP = (
     layer_rule(L, "mlp.up_proj.weight", (S.FFN, S.HIDDEN)),
     layer_rule(L, "mlp.down_proj.weight", (S.HIDDEN, S.FFN)),
 )
+# the config keys of Llama-style decoders: each canonical dimension under its own name
+LLAMA_KEYS = {k: k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                             "num_hidden_layers", "vocab_size", "max_position_embeddings")}
+
 llama = Llama(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
@@ -47,15 +51,7 @@ llama = Llama(
         rule("norm.weight", (S.HIDDEN,), norm=True),
         rule("lm_head.weight", (S.VOCAB, S.HIDDEN), tied=True),
     ),
-    keys={
-        "hidden_size": "hidden_size",
-        "intermediate_size": "intermediate_size",
-        "num_attention_heads": "num_attention_heads",
-        "num_key_value_heads": "num_key_value_heads",
-        "num_hidden_layers": "num_hidden_layers",
-        "vocab_size": "vocab_size",
-        "max_position_embeddings": "max_position_embeddings",
-    },
+    keys=dict(LLAMA_KEYS),
     norm="rms",
     tie_default=False,
     write_head_dim=True,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from .base import Block
-from .llama import DENSE_MLP, SELF_ATTN, Llama
+from .llama import DENSE_MLP, LLAMA_KEYS, SELF_ATTN, Llama
 from .spaces import Space as S, layer_rule, rule
 
 
@@ -54,15 +54,7 @@ olmo2 = Olmo2(
         rule("norm.weight", (S.HIDDEN,), norm=True),
         rule("lm_head.weight", (S.VOCAB, S.HIDDEN), tied=True),
     ),
-    keys={
-        "hidden_size": "hidden_size",
-        "intermediate_size": "intermediate_size",
-        "num_attention_heads": "num_attention_heads",
-        "num_key_value_heads": "num_key_value_heads",
-        "num_hidden_layers": "num_hidden_layers",
-        "vocab_size": "vocab_size",
-        "max_position_embeddings": "max_position_embeddings",
-    },
+    keys=dict(LLAMA_KEYS),
     norm="rms",
     tie_default=False,
     write_head_dim=True,   # transformers reads head_dim from the config, else hidden / heads
