@@ -115,7 +115,7 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
     from .plan import Plan, count_params, resolve_target
     from .families.spaces import Space
     from .ranking import ensure_selected
-    from .stages import STAGES, Context
+    from .stages import STAGES, Context, fixed_layers
 
     t = recipe.target
     if pdims.depths is not None:
@@ -124,7 +124,7 @@ def solve(ckpt, fam, pdims, recipe, model_type: str | None = None) -> Solution:
     m = t.multiple_of or DEFAULT_MULTIPLE
     steps = [(STAGES[n], cfg) for n, cfg in recipe.parsed]
     caps = {c for st, _ in steps for c in st.provides}
-    from_lists = next((n for st, cfg in steps if (n := st.child_layers(cfg, pdims.num_hidden_layers)) is not None), None)
+    from_lists = fixed_layers(recipe, pdims.num_hidden_layers)[0]
     rotate = "rotates_hidden" in caps   # projects the hidden axis; a tied head is written untied
     widths_free = "ranks" in caps
     layers_free = "drops_layers" in caps and from_lists is None and t.num_hidden_layers is None
@@ -321,16 +321,14 @@ def _solve_staged(ckpt, fam, P, recipe) -> Solution:
 
     from .plan import Plan, count_params, resolve_staged
     from .ranking import ensure_selected
-    from .stages import STAGES, Context
+    from .stages import STAGES, Context, fixed_layers
 
     t = recipe.target
     kind, value = t.budget()
     m = t.multiple_of or STAGED_MULTIPLE
     steps = [(STAGES[n], cfg) for n, cfg in recipe.parsed]
     caps = {c for st, _ in steps for c in st.provides}
-    from_lists = next((n for st, cfg in steps if (n := st.child_layers(cfg, P.num_hidden_layers)) is not None), None)
-    listed = next((x for st, cfg in steps if hasattr(st, "listed")
-                   and (x := st.listed(cfg, P.num_hidden_layers)) is not None), None)
+    from_lists, _, listed = fixed_layers(recipe, P.num_hidden_layers, listed=True)
     widths_free = "ranks" in caps and t.hidden_sizes is None
     layers_free = "drops_layers" in caps and from_lists is None and t.depths is None
     choosers = [(st, cfg) for st, cfg in steps if "drops_layers" in st.provides]

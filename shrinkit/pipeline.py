@@ -30,7 +30,7 @@ from .ranking import default_method, ensure_selected, spaces_to_rank  # noqa: F4
 from .recipe import Recipe
 from .runtime import budget_scope
 from .report import build_report, model_card, parent_dtype, report_markdown, strict_json
-from .stages import STAGES, Context, stage_providing
+from .stages import STAGES, Context, fixed_layers, stage_providing
 
 
 @dataclass
@@ -73,11 +73,7 @@ def prepare(ckpt: Checkpoint, recipe: Recipe, transformers_check: bool = True) -
     if transformers_check:
         check_config(ckpt.config, parent=True)   # a config transformers rejects as it is: the parent's fault
     steps = stages_of(recipe)
-    n_layers, layers_stage = next(((n, st.name) for st, cfg in steps
-                                   if (n := st.child_layers(cfg, pdims.num_hidden_layers)) is not None), (None, None))
-    listed = next((x for st, cfg in steps if hasattr(st, "listed")
-                   and (x := st.listed(cfg, pdims.num_hidden_layers)) is not None), None) \
-        if pdims.depths is not None else None
+    n_layers, layers_stage, listed = fixed_layers(recipe, pdims.num_hidden_layers, listed=pdims.depths is not None)
     solution = None
     recipe = own_keys(fam, recipe)   # target keys in the family's own sense (a config key naming another dimension)
     if recipe.target.budget() is not None:  # a parameter budget: solve the open dims first

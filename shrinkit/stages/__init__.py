@@ -50,6 +50,17 @@ def check_order(names: list[str]) -> None:
                 raise ValueError(msg.format(self=name, other=other))
 
 
+def fixed_layers(recipe, n_parent: int, listed: bool = False) -> tuple[int | None, str | None, list[int] | None]:
+    """(layer count, the stage's name, the kept parent layers) that an explicit layer list in the
+    recipe's pipeline fixes; (None, None, None) when no stage lists its layers. The list itself
+    (checked against the parent's layers) only with `listed` (staged parents need it)."""
+    for name, cfg in recipe.parsed:
+        n = STAGES[name].child_layers(cfg, n_parent)
+        if n is not None:
+            return n, name, STAGES[name].listed(cfg, n_parent) if listed else None
+    return None, None, None
+
+
 def stage_providing(cap: str) -> str:
     """The name of the registered stage that provides a capability (for messages)."""
     return next(n for n, s in STAGES.items() if cap in s.provides)

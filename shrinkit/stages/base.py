@@ -107,6 +107,10 @@ class Stage:
         """The number of layers this stage's block fixes (an explicit list), else None."""
         return None
 
+    def listed(self, cfg, n_parent: int) -> list[int] | None:
+        """The parent layers this stage's block lists as kept (an explicit list), else None."""
+        return None
+
     def prepare(self, cfg, ctx: Context) -> None:
         """Plan-time: what the stage decides from the recipe alone (ctx.plan is set)."""
 

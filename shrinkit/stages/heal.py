@@ -178,17 +178,8 @@ class Fit:
             return self._solve_bounded(alpha, max_norm)
         if self.dual:
             return self._solve_dual(alpha)
-        if self.stored:  # G = X^T X and E = X^T R from the stored rows, a block of tokens at a time
-            X, R = self.X[:self.rows], self.R[:self.rows]
-            self.G = torch.zeros(self.k, self.k, dtype=torch.float32, device=X.device)
-            self.E = torch.zeros(self.k, self.n_out, dtype=torch.float32, device=X.device)
-            step = max(1, FIT_BLOCK_BYTES // (4 * self.k))
-            for t0 in range(0, len(X), step):
-                xt = X[t0:t0 + step]
-                self.G.addmm_(xt.T, xt)
-                self.E.addmm_(xt.T, R[t0:t0 + step])
-            self.X = self.R = None
-            del X, R
+        if self.stored:
+            self._gram()
         lam = max(alpha * float(self.G.diagonal().mean()), 1e-12)
         A = self.G
         A.diagonal().add_(lam)

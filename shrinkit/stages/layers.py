@@ -61,15 +61,8 @@ def keep_layers(stage: DropLayers, n_parent: int, n_child: int, influence: list[
     keep or drop list names them so and must leave each stage its target depth)."""
     if depths is not None and depths[0] is not None:
         return _keep_staged(stage, depths[0], depths[1], influence)
-    for what, lst in (("keep", stage.keep), ("drop", stage.drop)):
-        if lst is not None:
-            bad = [i for i in lst if not 0 <= i < n_parent]
-            if bad:
-                raise RecipeError(f"drop_layers.{what} names layer {bad[0]}, but the parent has layers 0..{n_parent - 1}")
-    if stage.keep is not None:
-        kept = sorted(stage.keep)
-    elif stage.drop is not None:
-        kept = [i for i in range(n_parent) if i not in set(stage.drop)]
+    if stage.keep is not None or stage.drop is not None:
+        kept = listed_layers(stage, n_parent)
     elif stage.strategy == "first":
         kept = list(range(n_child))
     elif stage.strategy == "last":
