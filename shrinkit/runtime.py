@@ -221,8 +221,9 @@ class BlockModel:
         cfg = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **{
             k: v for k, v in cfg_dict.items() if k not in ("torch_dtype", "dtype", "quantization_config")})
         with init_empty_weights(include_buffers=False):
-            self.model = getattr(transformers, self.ad.auto).from_config(cfg, attn_implementation=self.ad.attn,
-                                                                        dtype=torch.float32)
+            cls = getattr(transformers, self.ad.auto)   # an Auto class, or a model class (no from_config)
+            make = getattr(cls, "from_config", None) or cls._from_config
+            self.model = make(cfg, attn_implementation=self.ad.attn, dtype=torch.float32)
         self.model.eval()
         self.config = cfg
         self.base = self.model.get_submodule(self.ad.base) if self.ad.base else self.model

@@ -385,8 +385,8 @@ def _causal(out: dict, models: dict, states: dict, ids: torch.Tensor, batch: int
 
 
 def _pool(x: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, T, H] -> [B, H]: the mean over positions, or the first (CLS) position."""
-    return x[:, 0] if how == "first" else x.mean(1)
+    """[B, T, H] -> [B, H]: the mean over positions, the first (CLS) or the last position."""
+    return x[:, 0] if how == "first" else x[:, -1] if how == "last" else x.mean(1)
 
 
 def _encoder(out: dict, models: dict, states: dict, batch: int, dev) -> None:
@@ -458,9 +458,10 @@ def table(v: dict) -> list[str]:
             r = v[k]
             rows.append(f"| {k} | {r['similarity_pearson']:.4f} | {r['similarity_spearman']:.4f} |"
                         + (f" {r['top1_agreement']:.4f} |" if top else ""))
-        if v.get("pool") == "first":
+        where = {"first": "first-position (CLS)", "last": "last-position"}.get(v.get("pool"))
+        if where:
             rows.append("")
-            rows.append("Similarities of the first-position (CLS) embeddings after the final norm.")
+            rows.append(f"Similarities of the {where} embeddings after the final norm.")
     rows.append("")
     inputs = v.get("inputs") or f"{v['samples']} x {v['seq_len']} tokens"
     rows.append(f"Held-out data: {v['data']}, {inputs}." + (f" ({v['note']})" if "note" in v else ""))

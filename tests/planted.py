@@ -350,6 +350,12 @@ BENCH_CASES["siglip_vision_model"] = BenchCase(_from("test_siglip", "siglip_pare
                                                _from("test_siglip", "real_parent"),
                                                dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
                                                     num_hidden_layers=3), inputs="pixels")
+for _mt, _cls in (("clip", "CLIPTextModelWithProjection"), ("siglip", "SiglipTextModel")):
+    BENCH_CASES[f"{_mt}_text_model"] = BenchCase(_from("test_clip_text", "text_parent", _mt),
+                                                 dict(intermediate_size=64, num_hidden_layers=3), [2], _cls,
+                                                 _from("test_clip_text", "real_parent", _mt),
+                                                 dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                                      num_hidden_layers=3))
 BENCH_CASES["olmo2"] = BenchCase(_from("test_olmo2", "olmo2_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
                                  _from("test_olmo2", "real_parent"), RMS_WIDTH_DEPTH)
 

@@ -60,6 +60,10 @@ CASES = {
                               BASE, "pixels"),
     "clip_vision_model": (dict(VISION, intermediate_size=96, projection_dim=24), HEADS3, BASE, "pixels"),
     "siglip_vision_model": (dict(VISION, intermediate_size=96), HEADS3, BASE, "pixels"),   # with the pooling head
+    "clip_text_model": (dict(ENCODER, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=24), HEADS3,
+                        "CLIPTextModelWithProjection", "tokens"),
+    "siglip_text_model": (dict(ENCODER, bos_token_id=0, eos_token_id=1, pad_token_id=1), HEADS3, "SiglipTextModel",
+                          "tokens"),   # not an AutoModel type
     "mixtral": (dict(MOE, num_local_experts=4, intermediate_size=32), MOE_CUT, LM, "tokens"),
     "qwen2_moe": (dict(MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                        mlp_only_layers=[1]),
@@ -95,7 +99,8 @@ def make_parent(path, model_type: str, kw: dict, cls: str):
 
     cfg = transformers.AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
-    model = getattr(transformers, cls).from_config(cfg)
+    klass = getattr(transformers, cls)
+    model = (getattr(klass, "from_config", None) or klass._from_config)(cfg)
     _randomize(model, torch.Generator().manual_seed(0))
     model.save_pretrained(path)
     return path

@@ -72,8 +72,9 @@ def _whole_random_child(child, fam, seed):
 
     with open_checkpoint(child) as ck:
         rm = RandomBlockModel(ck, fam, "cpu", None, seed)
-        whole = getattr(transformers, fam.block.auto).from_config(rm.config, dtype=torch.float32,
-                                                                 attn_implementation=fam.block.attn).eval()
+        klass = getattr(transformers, fam.block.auto)   # an Auto class, or a model class (no from_config)
+        make = getattr(klass, "from_config", None) or klass._from_config
+        whole = make(rm.config, dtype=torch.float32, attn_implementation=fam.block.attn).eval()
         params = dict(whole.named_parameters())
         pieces = list(rm.layers) + fam.embedding_modules(rm) + [m for m in (rm.final_norm(),) if m is not None]
         with torch.no_grad():
@@ -123,7 +124,7 @@ def _reference(parent, child, ids, fam, seed, causal):
                     continue
                 if fam.name == "clip_vision_model":   # its final norm (post_layernorm) is on the pooled CLS only
                     h = o.pooler_output[:, None]
-                pooled[k] = h.float()[:, 0] if fam.block.pool == "first" else h.float().mean(1)
+                pooled[k] = {"first": h.float()[:, 0], "last": h.float()[:, -1]}.get(fam.block.pool, h.float().mean(1))
             ref = _pairwise(pooled["parent"])
             for k in ("child", "random_init"):
                 s = _pairwise(pooled[k])

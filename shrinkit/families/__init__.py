@@ -11,6 +11,7 @@ from ..errors import ParentError
 from .base import Dims, Family
 from .bert import bert
 from .clip import clip_vision_model
+from .clip_text import clip_text_model, siglip_text_model
 from .convnext import convnext, convnextv2
 from .dinov2 import dinov2
 from .distilbert import distilbert
@@ -29,7 +30,7 @@ from .vit import vit
 FAMILIES: tuple[Family, ...] = (llama, gpt2, bert, roberta, distilbert, gemma, gemma2, gemma3_text, phi3, vit, dinov2,
                                 gpt_neox, mixtral, qwen2_moe, qwen3_moe, olmo2,
                                 modernbert, clip_vision_model,
-                                siglip_vision_model, convnext, convnextv2)
+                                siglip_vision_model, clip_text_model, siglip_text_model, convnext, convnextv2)
 
 
 def family_for(config: dict) -> Family:

@@ -109,7 +109,8 @@ class Block:
     # output before the residual add (DINOv2's layer scale): heal fits that output in its own units
     down_scale: str | None = None
     # non-causal models: how verification pools a sequence into one embedding ("mean" over the
-    # positions, or "first": the CLS position after final_norm), the keyword that feeds a model
+    # positions, "first": the CLS position after final_norm, or "last": the last position, where
+    # CLIP's and SigLIP's text towers read their embedding), the keyword that feeds a model
     # its inputs, and extra keywords for every child forward call
     pool: str = "mean"
     input_name: str = "input_ids"
