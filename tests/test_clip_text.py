@@ -19,7 +19,7 @@ from planted import Planted, _choose, _randomize, rel_err
 
 V = 96
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=4,
-            max_position_embeddings=40, layer_norm_eps=1e-12, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+            max_position_embeddings=77, layer_norm_eps=1e-12, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 TARGET = dict(intermediate_size=64, num_hidden_layers=3)
 CALIB = {"data": "random_tokens", "samples": 8, "seq_len": 24, "batch_size": 4}
 # model type -> (config class, model class the parent is saved as, projection key, projection size)
