@@ -18,6 +18,7 @@ from pathlib import Path
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .errors import RecipeError
 from .families import family_for
+from .families.dual import dual_for
 from .families.spaces import Space
 from .hashing import parent_hash, recipe_hash, sha256_all  # noqa: F401 - parent_hash, recipe_hash: API
 from .hf import TOKENIZER_FILES  # noqa: F401 - API
@@ -162,6 +163,15 @@ def subclone(parent: str | os.PathLike, recipe: Recipe, out: str | os.PathLike |
     t_start = time.perf_counter()
     ckpt = open_checkpoint(parent, config)
     try:
+        dual = dual_for(ckpt.config)
+        if dual is not None:   # two towers, each cut as a model of its own, joined (shrinkit.towers)
+            from .towers import subclone_dual
+            return subclone_dual(ckpt, dual, recipe, out if out is not None else default_out(parent, recipe),
+                                 force=force, progress=progress, device=device, tokenizer=tokenizer, verify=verify,
+                                 source=source, device_memory=device_memory, parent_arg=str(parent), t_start=t_start)
+        if recipe.towers is not None:
+            from .towers import refuse_towers
+            refuse_towers(recipe, str(ckpt.config.get("model_type")))
         plan = prepare(ckpt, recipe, needs_transformers(ckpt, recipe, verify, tokenizer))
         check_data(ckpt, recipe, tokenizer, verify, plan)
         out = resolve_out(out if out is not None else default_out(parent, recipe))

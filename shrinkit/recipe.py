@@ -25,6 +25,8 @@ class Recipe(Strict):
     verify: Optional[Verify] = None             # None: the default check (see shrinkit.preflight)
     seed: StrictInt = Field(0, ge=0, lt=1 << 63)
     name: Optional[str] = None
+    # dual-encoder parents (clip, siglip): one recipe per tower, keyed by tower name (text, vision)
+    towers: Optional[dict[str, "Recipe"]] = None
 
     parsed: list[tuple[str, Any]] = Field(default_factory=list, exclude=True)   # (stage name, its block)
 
@@ -34,6 +36,17 @@ class Recipe(Strict):
         if v is not None and (not v.strip() or len(v) > 200 or v in (".", "..") or any(c in v for c in "/\\\0")):
             raise ValueError("must be a plain name of at most 200 characters without '/', '\\' or '..' "
                              "(the default output folder is ./<parent>-<name>)")
+        return v
+
+    @field_validator("towers")
+    @classmethod
+    def _flat_towers(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("must name at least one tower (text, vision)")
+            for k, r in v.items():
+                if r.towers is not None:
+                    raise ValueError(f"{k}: a tower's recipe cannot have towers of its own")
         return v
 
     @model_validator(mode="after")
@@ -76,6 +89,9 @@ class Recipe(Strict):
 
     def as_dict(self) -> dict:
         return self.model_dump(exclude={"parsed"}, exclude_none=False)
+
+
+Recipe.model_rebuild()
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -35,6 +35,8 @@ def _randomize(model, gen):
     """Weights with real spread (transformers' init is tiny and norms are all ones)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.dim() == 0:   # a scalar (CLIP's logit_scale): kept as initialized
+                continue
             if p.dim() == 1:
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen) if "norm" in name.lower() or "ln_" in name
                         else 0.1 * torch.randn(p.shape, generator=gen))
