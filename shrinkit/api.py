@@ -244,6 +244,13 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     budget = resolve_budget(dev, device_memory)
     src = _resolve(parent, revision, True, None)
     with open_checkpoint(src.path, config) as ck:
+        from .families.dual import dual_for
+        dual = dual_for(ck.config)
+        if dual is not None:   # each tower against the child's, on its own data (shrinkit.towers)
+            from .towers import verify_dual
+            with budget_scope(budget):
+                return verify_dual(ck, dual, Path(child), data=data, samples=samples, seq_len=seq_len,
+                                   batch_size=batch_size, device=dev, tokenizer=tokenizer, gate=gate)
         check_pair(ck, child)   # same family, vocabulary and tokenizer; child within the parent; safetensors only
         mp = family_for(ck.config).max_positions(ck.config)
         if seq_len is not None and mp is not None and seq_len > mp:

@@ -406,6 +406,11 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
     con = Console()
     for title, rows in summary.items():
+        if title == "towers" and isinstance(rows, dict):   # a dual encoder: each tower's sections
+            for name, sections in rows.items():
+                _print_summary({f"{name} tower: {k}" if isinstance(v, dict) else f"{name} tower {k}": v
+                                for k, v in sections.items()}, False)
+            continue
         if isinstance(rows, dict):
             t = Table(title=title, show_header=False)
             for k, v in rows.items():

@@ -15,8 +15,9 @@ SHAPE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_val
          "num_experts", "expert_intermediate_size")
 
 
-def check_pair(parent: Checkpoint, child: str | Path) -> None:
-    """UsageError (exit 2) unless `child` can be verified against `parent`."""
+def check_pair(parent: Checkpoint, child: str | Path, child_ck: Checkpoint | None = None) -> None:
+    """UsageError (exit 2) unless `child` can be verified against `parent` (`child_ck`: the child
+    already open, or one tower's view of it)."""
     child = Path(child)
     if not child.is_dir():
         raise UsageError(f"child {child} is not a folder; pass the folder that shrinkit subclone wrote")
@@ -27,8 +28,12 @@ def check_pair(parent: Checkpoint, child: str | Path) -> None:
         raise UsageError(f"child {child} holds pickle weights ({', '.join(pickles)}); shrinkit verifies only "
                          "safetensors children and never unpickles")
     try:
-        with open_checkpoint(child) as ck:
+        if child_ck is not None:
+            ck = child_ck
             cfam, cdims = check_parent(ck)
+        else:
+            with open_checkpoint(child) as ck:
+                cfam, cdims = check_parent(ck)
     except ShrinkitError as e:
         raise UsageError(f"child {child}: {e}") from None
     pfam, pdims = check_parent(parent)

@@ -153,6 +153,11 @@ def recipe_schema() -> dict:
     s = RecipeSchema.model_json_schema()
     s["properties"].pop("parsed", None)
     s["properties"]["stages"].pop("default", None)
+    tower = s.get("$defs", {}).get("Recipe")   # a tower's recipe (under `towers:`): the same stages, no towers
+    if tower is not None:
+        tower["properties"].pop("parsed", None)
+        tower["properties"].pop("towers", None)
+        tower["properties"]["stages"] = s["properties"]["stages"]
     s["title"] = "shrinkit recipe"
     s["description"] = "A shrinkit recipe: the child's shape (target) and the pipeline (stages) that cuts it out of the parent."
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **s}

@@ -43,6 +43,8 @@ def _tower(name: str):
 
 def tower_recipes(dual: DualEncoder, recipe: Recipe) -> dict[str, Recipe]:
     """One recipe per tower (a tower the recipe does not name: copied whole)."""
+    from .stages import stage_providing
+
     names = [t.name for t in dual.towers]
     top = [k for k in ("target", "stages", "calibration", "verify") if k in recipe.model_fields_set]
     if top:
@@ -57,7 +59,7 @@ def tower_recipes(dual: DualEncoder, recipe: Recipe) -> dict[str, Recipe]:
     for n in names:
         r = recipe.towers.get(n)
         if r is None:
-            r = Recipe(stages=[{"slice_embeddings": {}}])   # copied whole
+            r = Recipe(stages=[{stage_providing("writes"): {}}])   # copied whole: only the writing stage
         upd = {k: getattr(recipe, k) for k in ("output", "seed") if k not in r.model_fields_set}
         r = r.model_copy(update=upd)
         r.name = f"{recipe.name or 'child'}.{n}"
@@ -74,7 +76,7 @@ def refuse_towers(recipe: Recipe, family: str) -> None:
 def prepare_towers(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, verify: bool, tokenizer=None,
                    transformers_check: bool | None = None):
     """Each tower's view, recipe and plan, checked (the dual's own rules too) before any work."""
-    from .pipeline import check_data, needs_transformers, prepare
+    from .runner import check_data, needs_transformers, prepare
 
     recipes = tower_recipes(dual, recipe)
     for name in ckpt.tensors:
@@ -89,7 +91,7 @@ def prepare_towers(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, verify: 
             check_data(v, r, tokenizer, verify, plans[t.name])
     dual.check_child({n: p.parent for n, p in plans.items()}, {n: p.child for n, p in plans.items()})
     if len({p.out_dtype for p in plans.values()}) > 1:
-        raise RecipeError(f"the towers would be written in different dtypes; give `output: {{dtype: ...}}` once, at "
+        raise RecipeError("the towers would be written in different dtypes; give `output: {dtype: ...}` once, at "
                           "the top level")
     return views, recipes, plans
 
@@ -97,7 +99,7 @@ def prepare_towers(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, verify: 
 def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, force: bool, progress, device: str,
                   tokenizer, verify: bool, source: dict | None, device_memory, parent_arg: str, t_start: float):
     from .output import Claim, check_inputs, check_out, resolve_out
-    from .pipeline import Result, _run, run_inputs
+    from .runner import Result, _run, run_inputs
     from .preflight import preflight
     from .runtime import budget_scope
     from .stages import Context
@@ -133,15 +135,42 @@ def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, repor
          source: dict | None, seconds: float) -> dict:
     """Move the towers' shards into `tmp`, write the shared tensors, the index, the config, the
     tokenizer and processor files and the report."""
-    import torch
-    from safetensors.torch import save_file
+    import shutil
 
     from .childfiles import copy_file, write_bytes
-    from .hashing import recipe_hash
     from .hf import TOKENIZER_FILES
     from .plan import DTYPE_STR
     from .report import strict_json
-    from .version import __version__
+
+    dtype = next(iter(plans.values())).out_dtype
+    files, shared = _join_weights(ckpt, dual, dtype, reports, tmp)
+    tower_cfgs = {t.name: json.loads((tmp / f".tower-{t.name}" / "config.json").read_text()) for t in dual.towers}
+    cfg = dual.child_config(ckpt.config, tower_cfgs, DTYPE_STR[dtype])
+    write_bytes(tmp / "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(), files)
+    for fn in TOKENIZER_FILES:
+        for t in dual.towers:
+            src = tmp / f".tower-{t.name}" / fn
+            if src.is_file():
+                copy_file(src, tmp / fn, files)
+                break
+    for t in dual.towers:
+        shutil.rmtree(tmp / f".tower-{t.name}")
+    report = _joined_report(ckpt, dual, recipe, reports, shared, DTYPE_STR[dtype], seconds)
+    report["files"] = dict(sorted(files.items()))
+    report = strict_json(report)
+    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (tmp / "shrinkit_report.md").write_text(report_markdown(report))
+    (tmp / "README.md").write_text(model_card(report))
+    return report
+
+
+def _join_weights(ckpt: Checkpoint, dual: DualEncoder, dtype, reports: dict, tmp: Path) -> tuple[dict, dict]:
+    """The towers' shards moved into `tmp` (renumbered model-0000i-of-0000N, bytes untouched),
+    the shared scalars written as the last shard, and the index over all of them. Returns the
+    files' records (size, sha256) and the shared tensors."""
+    from safetensors.torch import save_file
+
+    from .childfiles import copy_file, write_bytes
 
     shards: list[tuple[str, Path, list[str]]] = []   # (tower, file, its tensors)
     for t in dual.towers:
@@ -151,7 +180,6 @@ def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, repor
             for name, info in ck.tensors.items():
                 by_file.setdefault(info.shard, []).append(name)
         shards += [(t.name, tdir / f, names) for f, names in sorted(by_file.items())]
-    dtype = next(iter(plans.values())).out_dtype
     shared = {k: ckpt.get(k).to(dtype).clone() for k in dual.shared if k in ckpt.tensors}
     total = len(shards) + (1 if shared else 0)
     files: dict = {}
@@ -170,22 +198,21 @@ def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, repor
     size = sum(int(files[f]["size"]) for f in set(weight_map.values()))
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     write_bytes(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode(), files)
-    tower_cfgs = {t.name: json.loads((tmp / f".tower-{t.name}" / "config.json").read_text()) for t in dual.towers}
-    cfg = dual.child_config(ckpt.config, tower_cfgs, DTYPE_STR[dtype])
-    write_bytes(tmp / "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(), files)
-    for fn in TOKENIZER_FILES:
-        for t in dual.towers:
-            src = tmp / f".tower-{t.name}" / fn
-            if src.is_file():
-                copy_file(src, tmp / fn, files)
-                break
-    for t in dual.towers:
-        _remove_tree(tmp / f".tower-{t.name}")
+    return files, shared
 
-    towers = {n: {k: v for k, v in r.items() if k not in ("files", "shrinkit_version", "recipe_hash", "parent_hash")}
-              for n, (r, _) in reports.items()}
+
+def _joined_report(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, reports: dict, shared: dict, dtype: str,
+                   seconds: float) -> dict:
+    """The dual child's report: the fields a one-tower report has (dims flattened as
+    `tower.dim`), and each tower's own report under `towers`."""
+    from .hashing import recipe_hash
+    from .version import __version__
+
+    def dims(side: str) -> dict:
+        return {f"{n}.{k}": v for n, (r, _) in reports.items() for k, v in r[side]["dims"].items()
+                if not isinstance(v, (list, dict))}
+
     first = next(iter(reports.values()))[0]
-    verify = _joined_verify({n: r.get("verify") for n, (r, _) in reports.items()})
     report = {
         "shrinkit_version": __version__,
         "family": dual.name,
@@ -197,34 +224,25 @@ def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, repor
         "parent": {**{k: v for k, v in first["parent"].items() if k != "dims"},
                    "params": sum(r["parent"]["params"] for r, _ in reports.values())
                    + sum(ckpt.tensors[k].numel for k in dual.shared if k in ckpt.tensors),
-                   "bytes": ckpt.total_bytes,
-                   "dims": {f"{n}.{k}": v for n, (r, _) in reports.items() for k, v in r["parent"]["dims"].items()
-                            if not isinstance(v, (list, dict))}},
+                   "bytes": ckpt.total_bytes, "dims": dims("parent")},
         "child": {
-            "dims": {f"{n}.{k}": v for n, (r, _) in reports.items() for k, v in r["child"]["dims"].items()
-                     if not isinstance(v, (list, dict))},
+            "dims": dims("child"),
             "params": sum(r["child"]["params"] for r, _ in reports.values()) + sum(x.numel() for x in shared.values()),
             "bytes": sum(r["child"]["bytes"] for r, _ in reports.values())
             + sum(x.numel() * x.element_size() for x in shared.values()),
-            "dtype": DTYPE_STR[dtype],
+            "dtype": dtype,
         },
-        "towers": towers,
+        "towers": {n: {k: v for k, v in r.items() if k not in ("files", "shrinkit_version", "recipe_hash", "parent_hash")}
+                   for n, (r, _) in reports.items()},
         "seconds": round(seconds, 3),
     }
+    notes = [f"{n} tower: {x}" for n, (r, _) in reports.items() for x in r.get("notes", [])]
+    if notes:
+        report["notes"] = notes
+    verify = _joined_verify({n: r.get("verify") for n, (r, _) in reports.items()})
     if verify is not None:
         report["verify"] = verify
-    report["files"] = dict(sorted(files.items()))
-    report = strict_json(report)
-    (tmp / "shrinkit_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (tmp / "shrinkit_report.md").write_text(report_markdown(report))
-    (tmp / "README.md").write_text(model_card(report))
-    del torch
     return report
-
-
-def _remove_tree(p: Path) -> None:
-    import shutil
-    shutil.rmtree(p)
 
 
 def _joined_verify(vs: dict) -> dict | None:
@@ -275,3 +293,91 @@ def model_card(report: dict) -> str:
              "text embeddings stay comparable. It is an initialization for training, not a finished model.", ""]
     lines += report_markdown(report).splitlines()[4:]
     return "\n".join(lines) + "\n"
+
+
+def tower_data(fam, data: str) -> str:
+    """The data a tower is verified on: a random kind becomes the tower's own (random_tokens for
+    the text tower, random_pixels for the image tower); data the tower cannot read (an image
+    folder for the text tower) becomes its builtin data."""
+    if data in ("random_tokens", "random_pixels"):
+        return fam.random_data
+    try:
+        fam.check_data(data)
+    except RecipeError:
+        return "builtin"
+    return data
+
+
+def verify_dual(ck: Checkpoint, dual: DualEncoder, child: Path, *, data: str, samples: int, seq_len: int | None,
+                batch_size: int, device: str, tokenizer=None, gate: dict | None = None) -> dict:
+    """`shrinkit verify` on a dual encoder: each tower of the child against the parent's, on the
+    tower's own data, joined as subclone joins them."""
+    from .errors import UsageError
+    from .families import family_for
+    from .families.dual import dual_for
+    from .pair import check_pair
+    from .recipe import Calibration
+    from .verify import verify_child
+
+    if not (child / "config.json").is_file():
+        check_pair(ck, child)   # the folder's own problems, in its words
+    with open_checkpoint(child) as cc:
+        if dual_for(cc.config) is not dual:
+            raise UsageError(f"child {child} is a {cc.config.get('model_type')} model, the parent a {dual.name}; "
+                             "verify a child against the parent it was cut from")
+        for name in cc.tensors:
+            dual.owner(name)
+        out = {}
+        for t in dual.towers:
+            with _tower(t.name):
+                pv, cv = dual.view(ck, t), dual.view(cc, t)
+                check_pair(pv, child, cv)
+                fam = family_for(pv.config)
+                mp = fam.max_positions(pv.config)
+                if seq_len is not None and mp is not None and seq_len > mp:
+                    raise UsageError(f"--seq-len {seq_len} is longer than the {t.name} tower's {mp} positions; "
+                                     f"use {mp} or less")
+                n = seq_len or (min(256, mp) if mp else 256)
+                spec = Calibration(data=tower_data(fam, data), samples=samples, seq_len=n, batch_size=batch_size)
+                out[t.name] = verify_child(pv, cv, spec, device=device, tokenizer=tokenizer, gate=gate)
+    return _joined_verify(out)
+
+
+def inspect_dual(ck: Checkpoint, dual: DualEncoder, one) -> dict:
+    """`inspect` of a dual encoder: the whole checkpoint, and each tower as `one(view)` describes it."""
+    for name in ck.tensors:
+        dual.owner(name)
+    towers = {}
+    for t in dual.towers:
+        with _tower(t.name):
+            s = one(dual.view(ck, t))
+        towers[t.name] = {"family": s["model"]["family"], "params": s["model"]["params"], "dims": s["dims"]}
+    shared = sum(ck.tensors[k].numel for k in dual.shared if k in ck.tensors)
+    return {
+        "model": {"path": str(ck.weights_path), "family": dual.name,
+                  "architecture": (ck.config.get("architectures") or ["?"])[0], "model_type": ck.config.get("model_type"),
+                  "params": sum(x["params"] for x in towers.values()) + shared, "bytes": ck.total_bytes,
+                  "tensors": len(ck.tensors), "shards": len(ck.shards)},
+        "towers": towers,
+        "dtypes": dict(ck.dtype_counts()),
+    }
+
+
+def plan_dual(ck: Checkpoint, dual: DualEncoder, recipe: Recipe, one, tokenizer=None, source: dict | None = None) -> dict:
+    """`plan` of a dual encoder: every tower planned and checked as subclone would (its data and
+    preflight included), and each described by `one(view, plan, recipe)`."""
+    views, recipes, plans = prepare_towers(ck, dual, recipe, verify=True, tokenizer=tokenizer, transformers_check=True)
+    towers = {}
+    for n, v in views.items():
+        with _tower(n):
+            towers[n] = one(v, plans[n], recipes[n])
+    shared = [ck.tensors[k] for k in dual.shared if k in ck.tensors]
+    dtype = next(iter(towers.values()))["child"]["dtype"]
+    return {
+        "parent": {"family": dual.name, "bytes": ck.total_bytes, **(source or {})},
+        "child": {"params": sum(x["child"]["params"] for x in towers.values()) + sum(s.numel for s in shared),
+                  "bytes": sum(x["child"]["bytes"] for x in towers.values())
+                  + sum(s.numel for s in shared) * next(iter(plans.values())).out_dtype.itemsize,
+                  "dtype": dtype},
+        "towers": towers,
+    }

@@ -195,7 +195,7 @@ def _key_report(bm: BlockModel) -> dict:
     return {k: v for k, v in (("missing", missing), ("unused", unused)) if v}
 
 
-def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calibration | None = None, *,
+def verify_child(parent: Checkpoint | str | Path, child: Checkpoint | str | Path, spec: Calibration | None = None, *,
                  device: str = "cpu", tokenizer=None, seed: int = 0, scratch: str | Path | None = None,
                  ids: torch.Tensor | None = None, parent_final: torch.Tensor | None = None,
                  gate: dict | None = None, progress=None) -> dict:
@@ -222,7 +222,7 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
     h = parent_final if parent_final is not None else _finals(bm, ids, bs)
     out["tokens"] = int(h.shape[0] * h.shape[1])
     out["parent_pass"] = "shared with calibration" if parent_final is not None else "own"
-    child_ck = open_checkpoint(child)
+    child_ck = child if isinstance(child, Checkpoint) else open_checkpoint(child)
     try:
         problems = runtime_problems(fam, ckpt, child_ck)
         cm = BlockModel(child_ck, fam, device, scratch)
@@ -247,7 +247,8 @@ def verify_child(parent: Checkpoint | str | Path, child: str | Path, spec: Calib
                 out["pool"] = bm.ad.pool
                 _encoder(out, models, states, bs, dev)
     finally:
-        child_ck.close()
+        if child_ck is not child:
+            child_ck.close()
     out["status"] = "ok"
     if gate:
         apply_gate(out, gate)

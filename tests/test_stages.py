@@ -141,7 +141,8 @@ def _long_functions(path: Path, limit: int) -> list[str]:
 
 def test_pipeline_is_short_and_functions_are_small():
     assert len((ROOT / "pipeline.py").read_text().splitlines()) < 300
-    long = [x for m in ("pipeline.py", "preflight.py", "runtime.py") for x in _long_functions(ROOT / m, 80)]
+    long = [x for m in ("pipeline.py", "runner.py", "towers.py", "preflight.py", "runtime.py")
+            for x in _long_functions(ROOT / m, 80)]
     assert long == []
 
 
