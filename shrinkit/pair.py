@@ -35,6 +35,10 @@ def check_pair(parent: Checkpoint, child: str | Path, child_ck: Checkpoint | Non
             with open_checkpoint(child) as ck:
                 cfam, cdims = check_parent(ck)
     except ShrinkitError as e:
+        mt = _model_type(child) if child_ck is None else child_ck.config.get("model_type")
+        if mt is not None and mt != parent.config.get("model_type"):   # e.g. a dual encoder against one tower
+            raise UsageError(f"child {child} is a {mt} model, the parent a {parent.config.get('model_type')}; "
+                             "verify a child against the parent it was cut from") from None
         raise UsageError(f"child {child}: {e}") from None
     pfam, pdims = check_parent(parent)
     if cfam.name != pfam.name or ck.config.get("model_type") != parent.config.get("model_type"):
@@ -68,3 +72,11 @@ def _same_file(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+def _model_type(child: Path):
+    try:
+        with open_checkpoint(child) as ck:
+            return ck.config.get("model_type")
+    except ShrinkitError:
+        return None

@@ -239,3 +239,56 @@ def test_dual_verify_inspect_plan(tmp_path):
     assert r.exit_code == 0, r.output
     js = json.loads(r.stdout)
     assert js["towers"]["text"]["child"]["hidden_size"] == 48 and js["towers"]["vision"]["child"]["hidden_size"] == 64
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("what", ["no vision_config", "vision_config not a mapping", "stray tensor"])
+def test_dual_bad_parents_are_one_line_exit_3_and_write_nothing(tmp_path, what):
+    from safetensors.torch import load_file, save_file
+
+    p, _ = dual_parent(tmp_path / "parent", "clip", dead_ffn=0)
+    if what == "no vision_config":
+        _edit_config(p, lambda c: c.pop("vision_config"))
+    elif what == "vision_config not a mapping":
+        _edit_config(p, lambda c: c.update(vision_config=[1, 2]))
+    else:
+        sd = load_file(str(p / "model.safetensors"))
+        sd["extra_head.weight"] = torch.zeros(2, 2)
+        save_file(sd, str(p / "model.safetensors"), metadata={"format": "pt"})
+    rf = tmp_path / "r.yaml"
+    rf.write_text(json.dumps({"towers": {"text": tower(target=dict(intermediate_size=64))}}))
+    for cmd in (["subclone", str(p), "-r", str(rf), "--out", str(tmp_path / "child")],
+                ["plan", str(p), "-r", str(rf)], ["inspect", str(p)]):
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 3, (cmd[0], r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert ("vision_config" in r.output) if what != "stray tensor" else ("extra_head.weight" in r.output)
+    assert not (tmp_path / "child").exists()
+
+
+def test_dual_verify_refuses_a_child_of_another_kind(tmp_path):
+    """`shrinkit verify` of a dual parent against a one-tower child (or the reverse) is a one-line
+    exit 2."""
+    import test_clip_text
+
+    p, _ = dual_parent(tmp_path / "parent", "clip", dead_ffn=0)
+    other = test_clip_text.text_parent(tmp_path / "text", "clip", dead_ffn=0, dead_heads=0, dead_layers=()).path
+    for a, b in ((p, other), (other, p)):
+        r = CliRunner().invoke(app, ["verify", str(a), str(b), "--data", "random_tokens", "--samples", "4",
+                                     "--seq-len", "8"])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert "verify a child against the parent it was cut from" in r.output, r.output
+
+
+def test_a_tower_recipe_cannot_nest_towers(tmp_path):
+    from shrinkit.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match="a tower's recipe cannot have towers of its own"):
+        recipe_from_dict({"towers": {"text": {"towers": {"vision": {}}}}})
+    with pytest.raises(RecipeError, match="must name at least one tower"):
+        recipe_from_dict({"towers": {}})

@@ -40,7 +40,11 @@ def family_for(config: dict) -> Family:
             return fam
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else "?"
-    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    from .dual import DUALS
+    if any(mt in d.model_types for d in DUALS):
+        raise ParentError(f"model_type {mt!r} is a dual encoder (two towers): subclone, plan, inspect and verify take "
+                          "it whole, tower by tower; this step takes one tower")
+    known = ", ".join([t for f in FAMILIES for t in f.model_types] + [t for d in DUALS for t in d.model_types])
     raise ParentError(f"unsupported architecture: model_type {repr(mt)[:80]} ({str(arch)[:80]}); shrinkit supports {known}")
 
 
