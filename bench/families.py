@@ -47,10 +47,40 @@ def stages(method: str, drop: dict | None, calib: dict | None = None) -> list:
             + [{"rescale_norms": {}}])
 
 
+def dual_error(case, tmp: Path) -> float:
+    """A dual encoder: both towers cut to their planted dead parts; the text embeddings, image
+    embeddings and logits against the parent's (the largest relative error of the three)."""
+    import planted
+    import test_dual as D
+    from helpers import recipe
+    from shrinkit.pipeline import subclone
+
+    kind = {"CLIPModel": "clip", "SiglipModel": "siglip"}[case.output_class]
+    p, _ = case.planted(tmp / "planted")
+    ref = D.outputs(p, kind)
+    worst = 0.0
+    for method in ("magnitude", "activation"):
+        subclone(p, recipe(towers=D.exact_towers(method)), tmp / f"planted-{method}")
+        got = D.outputs(tmp / f"planted-{method}", kind)
+        worst = max([worst] + [planted.rel_err(g, r) for g, r in zip(got, ref)])
+    return worst
+
+
+def dual_recipe(case, method: str) -> dict:
+    """`towers:` with each tower's real target, `method` ranking (tokens for the text tower,
+    pixels for the image tower) and middle layers dropped."""
+    calib = {"text": CALIB, "vision": PIXEL_CALIB}
+    return {"name": method, "towers": {n: {"target": t, "stages": stages(method, {"strategy": "middle"}, calib[n])}
+                                       for n, t in case.real_target.items()}}
+
+
 def planted_error(case, tmp: Path) -> float:
     import torch
 
     import planted
+
+    if case.inputs == "dual":
+        return dual_error(case, tmp)
     from helpers import logits, run, tokens
 
     pixels = case.inputs == "pixels"
@@ -109,11 +139,14 @@ def bench(name: str, repeat: int) -> dict:
         for method in ("magnitude", "activation"):
             rec = tmp / f"{method}.yaml"
             calib = {**CALIB, "data": "random_pixels"} if getattr(case, "inputs", "tokens") == "pixels" else CALIB
-            rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
-                                           "stages": stages(method, {"strategy": "middle"}
-                                                            if case.real_target.get("num_hidden_layers")
-                                                            or case.real_target.get("depths") else None,
-                                                            calib)}))
+            if case.inputs == "dual":
+                rec.write_text(yaml.safe_dump(dual_recipe(case, method)))
+            else:
+                rec.write_text(yaml.safe_dump({"name": method, "target": case.real_target,
+                                               "stages": stages(method, {"strategy": "middle"}
+                                                                if case.real_target.get("num_hidden_layers")
+                                                                or case.real_target.get("depths") else None,
+                                                                calib)}))
             runs = [timed([sys.executable, "-m", "shrinkit.cli", "subclone", str(parent), "-r", str(rec), "--out",
                            str(tmp / f"out-{method}"), "--force", "--no-verify", "--quiet"], tmp) for _ in range(repeat)]
             row[f"{method}_seconds"] = round(statistics.median(t for t, _ in runs), 3)

@@ -358,6 +358,15 @@ for _mt, _cls in (("clip", "CLIPTextModelWithProjection"), ("siglip", "SiglipTex
                                                  _from("test_clip_text", "real_parent", _mt),
                                                  dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
                                                       num_hidden_layers=3))
+# dual encoders: both towers (bench/families.py cuts them with a `towers:` recipe; inputs "dual")
+for _mt, _cls in (("clip", "CLIPModel"), ("siglip", "SiglipModel")):
+    BENCH_CASES[_mt] = BenchCase(_from("test_dual", "dual_parent", _mt), {}, [], _cls,
+                                 _from("test_dual", "real_parent", _mt),
+                                 {"text": dict(hidden_size=48, num_attention_heads=3, intermediate_size=64,
+                                               num_hidden_layers=3),
+                                  "vision": dict(intermediate_size=64, num_hidden_layers=3, **(
+                                      {} if _mt == "siglip" else dict(hidden_size=48, num_attention_heads=3)))},
+                                 inputs="dual")
 BENCH_CASES["olmo2"] = BenchCase(_from("test_olmo2", "olmo2_parent"), RMS_WIDTH_DEPTH, [2], "AutoModelForCausalLM",
                                  _from("test_olmo2", "real_parent"), RMS_WIDTH_DEPTH)
 

@@ -67,6 +67,11 @@ def dual_parent(path, kind="clip", *, dead_ffn=32, dtype=torch.float32, seed=0):
     return path, dead
 
 
+def real_parent(path, kind="clip"):
+    """A tiny random dual encoder (bf16, nothing planted) with the weights' real spread."""
+    return dual_parent(path, kind, dead_ffn=0, dtype=torch.bfloat16)[0]
+
+
 def tower(method="magnitude", drop=None, target=None, name="text"):
     rank = {"method": method}
     if method == "activation":
