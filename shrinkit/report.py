@@ -163,14 +163,19 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(report: dict) -> str:
+def card_head(report: dict, what: str = "This model", how: str = "", after: str = "") -> list[str]:
+    """The model card's front matter and first paragraph (one-tower and dual-encoder children)."""
     base = report["base_model"]
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- shrinkit", "- student-init",
-             "---", "", f"# Student initialization of {base}", "",
-             f"This model was cut out of **{base}** by shrinkit {report['shrinkit_version']} "
-             f"(recipe `{report['recipe'].get('name')}`): the kept neurons, heads and layers carry the "
-             "parent's pretrained weights. It is an initialization for training (distillation or "
-             "pre-training), not a finished model.", ""]
+    return ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- shrinkit", "- student-init",
+            "---", "", f"# Student initialization of {base}", "",
+            f"{what} was cut out of **{base}** by shrinkit {report['shrinkit_version']} "
+            f"(recipe `{report['recipe'].get('name')}`){how}: the kept neurons, heads and layers carry the "
+            f"parent's pretrained weights{after}. It is an initialization for training (distillation or "
+            "pre-training), not a finished model.", ""]
+
+
+def model_card(report: dict) -> str:
+    lines = card_head(report)
     lines += shape_table(report)
     lines += ["", "See `shrinkit_report.json` for the kept index sets, per-stage timings and the parent's shard hashes.", ""]
     return "\n".join(lines)

@@ -126,13 +126,13 @@ def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, f
                 ctx.scratch = tdir
                 opts = {"verify": verify, "source": source, "parent_arg": parent_arg, "out": str(out)}
                 reports[n] = (_run(ctx, time.perf_counter(), opts), ctx.files)
-        report = join(ckpt, dual, recipe, plans, reports, claim.tmp, source, time.perf_counter() - t_start)
+        report = join(ckpt, dual, recipe, plans, reports, claim.tmp, time.perf_counter() - t_start)
         claim.publish()
     return Result(out, report, None)
 
 
 def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, reports: dict, tmp: Path,
-         source: dict | None, seconds: float) -> dict:
+         seconds: float) -> dict:
     """Move the towers' shards into `tmp`, write the shared tensors, the index, the config, the
     tokenizer and processor files and the report."""
     import shutil
@@ -284,13 +284,10 @@ def report_markdown(report: dict) -> str:
 
 
 def model_card(report: dict) -> str:
-    base = report["base_model"]
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- shrinkit", "- student-init",
-             "---", "", f"# Student initialization of {base}", "",
-             f"This dual encoder was cut out of **{base}** by shrinkit {report['shrinkit_version']} "
-             f"(recipe `{report['recipe'].get('name')}`), tower by tower: the kept neurons, heads and layers "
-             "carry the parent's pretrained weights, and the projections keep the embedding width, so image and "
-             "text embeddings stay comparable. It is an initialization for training, not a finished model.", ""]
+    from .report import card_head
+
+    lines = card_head(report, "This dual encoder", ", tower by tower",
+                      ", and the projections keep the embedding width, so image and text embeddings stay comparable")
     lines += report_markdown(report).splitlines()[4:]
     return "\n".join(lines) + "\n"
 

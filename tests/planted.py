@@ -44,6 +44,44 @@ def _randomize(model, gen):
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+def kill_ffn(mlp, gen, n: int, k: int) -> list:
+    """k dead FFN neurons of an fc1/fc2 MLP (CLIP, SigLIP): their fc1 rows and biases and fc2
+    columns zero. Returns them (sorted by _choose)."""
+    fs = _choose(gen, n, k) if k else []
+    mlp.fc1.weight[fs] = 0
+    mlp.fc1.bias[fs] = 0
+    mlp.fc2.weight[:, fs] = 0
+    return fs
+
+
+def kill_heads(attn, gen, nh: int, hd: int, k: int) -> list:
+    """k dead heads of a q/k/v/out_proj attention with biases: their q, k, v rows and out_proj columns zero."""
+    hs = _choose(gen, nh, k) if k else []
+    for h in hs:
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight[h * hd:(h + 1) * hd] = 0
+            lin.bias[h * hd:(h + 1) * hd] = 0
+        attn.out_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    return hs
+
+
+def kill_layer(attn, mlp) -> None:
+    """A dead block: its attention and MLP outputs (out_proj, fc2) zero, so it is the identity."""
+    for lin in (attn.out_proj, mlp.fc2):
+        lin.weight.zero_()
+        lin.bias.zero_()
+
+
+def plant_blocks(layers, gen, pl: "Planted", n_ffn: int, nh: int, hd: int, dead_ffn: int, dead_heads: int) -> None:
+    """CLIP-style blocks (self_attn q/k/v/out_proj, mlp fc1/fc2): dead FFN neurons and heads in every
+    layer and the layers pl.dead_layers dead, recorded in pl."""
+    for li, layer in enumerate(layers):
+        pl.dead_ffn[li] = kill_ffn(layer.mlp, gen, n_ffn, dead_ffn)
+        pl.dead_q[li] = kill_heads(layer.self_attn, gen, nh, hd, dead_heads)
+        if li in pl.dead_layers:
+            kill_layer(layer.self_attn, layer.mlp)
+
+
 def llama_like(tmp: Path, model_type: str = "llama", *, dead_hidden=16, dead_ffn=32, dead_kv=1, dead_q_per_group=0,
                dead_layers=(2,), tie=False, seed=0, dtype=torch.float32, **overrides) -> Planted:
     """A Llama / Mistral / Qwen2 / Qwen3 parent with planted dead parts."""

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import planted
 from helpers import load
-from planted import Planted, _choose, _randomize, rel_err
+from planted import Planted, _randomize, rel_err
 from test_vision import alive, run, stages
 
 PROJ = "CLIPVisionModelWithProjection"
@@ -37,22 +37,7 @@ def clip_parent(tmp, *, projection=True, dead_ffn=32, dead_heads=1, dead_layers=
     hd = H // nh
     pl = Planted(tmp, dead_layers=list(dead_layers))
     with torch.no_grad():
-        for li, layer in enumerate(core.encoder.layers):
-            a, m = layer.self_attn, layer.mlp
-            fs = pl.dead_ffn[li] = _choose(gen, F, dead_ffn) if dead_ffn else []
-            m.fc1.weight[fs] = 0
-            m.fc1.bias[fs] = 0
-            m.fc2.weight[:, fs] = 0
-            hs = pl.dead_q[li] = _choose(gen, nh, dead_heads) if dead_heads else []
-            for h in hs:
-                for lin in (a.q_proj, a.k_proj, a.v_proj):
-                    lin.weight[h * hd:(h + 1) * hd] = 0
-                    lin.bias[h * hd:(h + 1) * hd] = 0
-                a.out_proj.weight[:, h * hd:(h + 1) * hd] = 0
-            if li in pl.dead_layers:
-                for lin in (a.out_proj, m.fc2):
-                    lin.weight.zero_()
-                    lin.bias.zero_()
+        planted.plant_blocks(core.encoder.layers, gen, pl, F, nh, hd, dead_ffn, dead_heads)
     model.to(dtype).save_pretrained(tmp)
     (tmp / "preprocessor_config.json").write_text(json.dumps(planted.VISION_PRE))
     pl.config = model.config.to_dict()

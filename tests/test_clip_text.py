@@ -14,8 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import planted
 from helpers import load, recipe, run, tokens
-from planted import Planted, _choose, _randomize, rel_err
+from planted import Planted, _randomize, rel_err
 
 V = 96
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=4,
@@ -57,22 +58,7 @@ def text_parent(tmp, kind="clip", *, dead_ffn=32, dead_heads=1, dead_layers=(2,)
     hd = H // nh
     pl = Planted(tmp, dead_layers=list(dead_layers))
     with torch.no_grad():
-        for li, layer in enumerate(core.encoder.layers):
-            a, m = layer.self_attn, layer.mlp
-            fs = pl.dead_ffn[li] = _choose(gen, F, dead_ffn) if dead_ffn else []
-            m.fc1.weight[fs] = 0
-            m.fc1.bias[fs] = 0
-            m.fc2.weight[:, fs] = 0
-            hs = pl.dead_q[li] = _choose(gen, nh, dead_heads) if dead_heads else []
-            for h in hs:
-                for lin in (a.q_proj, a.k_proj, a.v_proj):
-                    lin.weight[h * hd:(h + 1) * hd] = 0
-                    lin.bias[h * hd:(h + 1) * hd] = 0
-                a.out_proj.weight[:, h * hd:(h + 1) * hd] = 0
-            if li in pl.dead_layers:
-                for lin in (a.out_proj, m.fc2):
-                    lin.weight.zero_()
-                    lin.bias.zero_()
+        planted.plant_blocks(core.encoder.layers, gen, pl, F, nh, hd, dead_ffn, dead_heads)
     model.to(dtype).save_pretrained(tmp)
     pl.config = model.config.to_dict()
     pl.cls = model_cls

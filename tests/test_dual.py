@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import planted
 from helpers import load, recipe, tokens
-from planted import _choose, _randomize, rel_err
+from planted import _randomize, rel_err
 from shrinkit.cli import app
 from shrinkit.errors import RecipeError
 from shrinkit.pipeline import subclone
@@ -47,21 +47,12 @@ def dual_parent(path, kind="clip", *, dead_ffn=32, dtype=torch.float32, seed=0):
     with torch.no_grad():
         for tower in ("text", "vision"):
             for li, layer in enumerate(getattr(model, f"{tower}_model").encoder.layers):
-                a, m = layer.self_attn, layer.mlp
-                fs = dead[(tower, li)] = _choose(gen, 96, dead_ffn) if dead_ffn else []
-                m.fc1.weight[fs] = 0
-                m.fc1.bias[fs] = 0
-                m.fc2.weight[:, fs] = 0
+                dead[(tower, li)] = planted.kill_ffn(layer.mlp, gen, 96, dead_ffn)
                 if li == DEAD[tower]:
-                    for lin in (a.out_proj, m.fc2):
-                        lin.weight.zero_()
-                        lin.bias.zero_()
+                    planted.kill_layer(layer.self_attn, layer.mlp)
         head = getattr(model.vision_model, "head", None)   # SigLIP's pooling head: an MLP of its own
         if head is not None and dead_ffn:
-            fs = dead[("vision", "head")] = _choose(gen, 96, dead_ffn)
-            head.mlp.fc1.weight[fs] = 0
-            head.mlp.fc1.bias[fs] = 0
-            head.mlp.fc2.weight[:, fs] = 0
+            dead[("vision", "head")] = planted.kill_ffn(head.mlp, gen, 96, dead_ffn)
     model.to(dtype).save_pretrained(path)
     (path / "preprocessor_config.json").write_text(json.dumps(planted.VISION_PRE))
     return path, dead
