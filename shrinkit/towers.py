@@ -68,9 +68,11 @@ def tower_recipes(dual: DualEncoder, recipe: Recipe) -> dict[str, Recipe]:
 
 
 def refuse_towers(recipe: Recipe, family: str) -> None:
+    from .families.dual import DUALS
+
     if recipe.towers is not None:
-        raise RecipeError(f"`towers:` is for dual-encoder parents (clip, siglip); this parent is a {family} model: "
-                          "put target and stages at the top level")
+        raise RecipeError(f"`towers:` is for dual-encoder parents ({', '.join(d.name for d in DUALS)}); this parent "
+                          f"is a {family} model: put target and stages at the top level")
 
 
 def prepare_towers(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, verify: bool, tokenizer=None,

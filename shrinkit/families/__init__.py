@@ -52,7 +52,8 @@ def families_table() -> list[str]:
     """The README's "Supported families" table, generated from the family modules (a test
     checks that the README holds exactly these lines)."""
     rows = ["| family | model types | notes |", "|---|---|---|"]
-    for f in FAMILIES:
+    from .dual import DUALS
+    for f in (*FAMILIES, *DUALS):
         rows.append(f"| {f.name} | {', '.join(f.model_types)} | {f.notes} |")
     return rows
 
