@@ -116,6 +116,7 @@ def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, f
         with _tower(n):
             checks[n] = preflight(v, plans[n], recipes[n], out, device=device, tokenizer=tokenizer, verify=verify,
                                   device_memory=device_memory)
+    _room_for_both(out, checks)
     reports = {}
     with Claim(out, force, progress.log) as claim:
         for t in dual.towers:
@@ -131,6 +132,21 @@ def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, f
         report = join(ckpt, dual, recipe, plans, reports, claim.tmp, time.perf_counter() - t_start)
         claim.publish()
     return Result(out, report, None)
+
+
+def _room_for_both(out: Path, checks: dict) -> None:
+    """Each tower's preflight found room for its own child; the joined child holds both."""
+    import shutil
+
+    from .errors import UsageError
+    from .preflight import _gb, _writable_ancestor
+
+    anc = _writable_ancestor(out)
+    need = sum(c.need_bytes for c in checks.values())
+    free = shutil.disk_usage(anc).free
+    if free < need:
+        raise UsageError(f"not enough free disk space in {anc}: the two towers' children and their scratch need "
+                         f"{_gb(need)}, {_gb(free)} is free; free some space or choose another --out")
 
 
 def join(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, plans: dict, reports: dict, tmp: Path,

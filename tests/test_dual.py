@@ -288,3 +288,20 @@ def test_a_tower_recipe_cannot_nest_towers(tmp_path):
         recipe_from_dict({"towers": {"text": {"towers": {"vision": {}}}}})
     with pytest.raises(RecipeError, match="must name at least one tower"):
         recipe_from_dict({"towers": {}})
+
+
+def test_dual_needs_room_for_both_towers(tmp_path, monkeypatch):
+    """Each tower alone fits the free space, both together do not: refused before any work (exit
+    2), nothing written."""
+    import collections
+
+    import shrinkit.preflight as P
+
+    p, _ = dual_parent(tmp_path / "parent", "clip", dead_ffn=0)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda _: usage(1 << 40, 0, int(P.SLACK_BYTES * 1.5)))
+    rf = tmp_path / "r.yaml"
+    rf.write_text(json.dumps({"towers": {"text": tower(target=dict(intermediate_size=64))}}))
+    r = CliRunner().invoke(app, ["subclone", str(p), "-r", str(rf), "--out", str(tmp_path / "child")])
+    assert r.exit_code == 2 and "the two towers' children" in r.output, r.output
+    assert not (tmp_path / "child").exists()
