@@ -223,7 +223,7 @@ def recipe(spec: dict, target: dict, calib_task: Path | None) -> dict:
     data_free = spec["rank"] in ("magnitude", "uniform", "first", "random")
     st: list = [{"rank_neurons": {"method": spec["rank"]} if data_free else
                  {"method": spec["rank"], "calibration": calib}}]
-    if target.get("num_hidden_layers") is not None:
+    if target.get("num_hidden_layers") is not None or target.get("depths") is not None:   # flat or staged depth
         st.append({"drop_layers": {"strategy": spec["drop"], "calibration": calib} if spec["drop"] == "importance"
                    else {"strategy": spec["drop"]}})
     if spec["heal"] not in ("0", "", "no"):
