@@ -305,3 +305,27 @@ def test_dual_needs_room_for_both_towers(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["subclone", str(p), "-r", str(rf), "--out", str(tmp_path / "child")])
     assert r.exit_code == 2 and "the two towers' children" in r.output, r.output
     assert not (tmp_path / "child").exists()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_dual_child_runs_as_loaded(tmp_path, kind):
+    """As tests/test_children_run.py for one-tower families: a dual child at awkward widths (odd FFN
+    widths, 3 heads), written in float32 and bfloat16, loaded with from_pretrained and no keyword
+    at all, one forward pass on tokens and pixels, finite logits."""
+    import transformers
+
+    p, _ = dual_parent(tmp_path / "parent", kind, dead_ffn=0)
+    narrow = dict(hidden_size=48, num_attention_heads=3)
+    towers = {"text": tower(target=dict(narrow, intermediate_size=37, num_hidden_layers=3)),
+              "vision": tower(target=dict({} if kind == "siglip" else narrow, intermediate_size=41,
+                                          num_hidden_layers=2), name="vision")}
+    for t in towers.values():
+        t["stages"].insert(1, {"drop_layers": {"strategy": "middle"}})
+    for dtype in ("float32", "bfloat16"):
+        subclone(p, recipe(towers=towers, output={"dtype": dtype}), tmp_path / dtype)
+        model = getattr(transformers, CLS[kind]).from_pretrained(tmp_path / dtype)   # defaults only
+        assert model.dtype == getattr(torch, dtype)
+        ids = tokens(V, n=2, seq=12)
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=planted.pixels(2).to(model.dtype))
+        assert out.logits_per_image.shape == (2, 2) and torch.isfinite(out.logits_per_image.float()).all()
