@@ -233,7 +233,7 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
     from .pair import check_pair
     from .recipe import Calibration
     from .validate import field_error
-    from .verify import check_child, verify_child
+    from .verify import check_child, heldout_spec, verify_child
 
     check_child(Path(child))
     try:  # the recipe's bounds (seq_len resolved below, against the parent)
@@ -252,11 +252,7 @@ def verify(parent: PathLike, child: PathLike, *, data: str = "builtin", samples:
                 return verify_dual(ck, dual, Path(child), data=data, samples=samples, seq_len=seq_len,
                                    batch_size=batch_size, device=dev, tokenizer=tokenizer, gate=gate)
         check_pair(ck, child)   # same family, vocabulary and tokenizer; child within the parent; safetensors only
-        mp = family_for(ck.config).max_positions(ck.config)
-        if seq_len is not None and mp is not None and seq_len > mp:
-            raise UsageError(f"--seq-len {seq_len} is longer than the parent's {mp} positions; use {mp} or less")
-        n = seq_len or (min(256, mp) if mp else 256)
-        spec = Calibration(data=data, samples=samples, seq_len=n, batch_size=batch_size)
+        spec = heldout_spec(family_for(ck.config), ck.config, data, samples, seq_len, batch_size)
         with budget_scope(budget):
             return verify_child(ck, Path(child), spec, device=dev, tokenizer=tokenizer, gate=gate)
 

@@ -143,11 +143,7 @@ def report_markdown(report: dict) -> str:
              f"shrinkit {report['shrinkit_version']}, family `{report['family']}` ({report['architecture']}), "
              f"recipe `{report['recipe'].get('name')}`, {report['seconds']:.2f} s in all.", ""]
     lines += shape_table(report)
-    lines += ["", "## Stages", "", "| stage | how | seconds |", "|---|---|---:|"]
-    for s in report["stages"]:
-        how = s.get("method") or s.get("strategy") or (f"x{s['factor']:.4f}" if "factor" in s else "")
-        lines.append(f"| {s['stage']} | {how} | {s['seconds']:.3f} |")
-    lines += ["", f"Kept parent layers: {report['kept']['layers']}", ""]
+    lines += ["", "## Stages", ""] + stage_rows(report) + [""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     v = report.get("verify")
@@ -172,6 +168,15 @@ def card_head(report: dict, what: str = "This model", how: str = "", after: str 
             f"(recipe `{report['recipe'].get('name')}`){how}: the kept neurons, heads and layers carry the "
             f"parent's pretrained weights{after}. It is an initialization for training (distillation or "
             "pre-training), not a finished model.", ""]
+
+
+def stage_rows(report: dict) -> list[str]:
+    """The stages table of a report (one model's, or one tower's) and the kept parent layers."""
+    lines = ["| stage | how | seconds |", "|---|---|---:|"]
+    for s in report["stages"]:
+        how = s.get("method") or s.get("strategy") or (f"x{s['factor']:.4f}" if "factor" in s else "")
+        lines.append(f"| {s['stage']} | {how} | {s['seconds']:.3f} |")
+    return lines + ["", f"Kept parent layers: {report['kept']['layers']}"]
 
 
 def model_card(report: dict) -> str:

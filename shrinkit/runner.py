@@ -148,8 +148,9 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, tokenizer=None, verify: bool = 
 
 def _run(ctx: Context, t_start: float, opts: dict) -> dict:
     """Hash the parent (in a thread) while every stage runs in order, verify the child, write the
-    report into the output's temporary folder."""
-    hashes: dict[str, str] = {}
+    report into the output's temporary folder. opts["hashes"], when given and filled, holds the
+    parent's shard hashes already (a dual encoder's second tower reads the same shards)."""
+    hashes: dict[str, str] = opts.setdefault("hashes", {})
     hash_error: list[BaseException] = []
 
     def hash_all():
@@ -158,8 +159,9 @@ def _run(ctx: Context, t_start: float, opts: dict) -> dict:
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             hash_error.append(e)
 
-    hasher = threading.Thread(target=hash_all, daemon=True)
-    hasher.start()
+    hasher = None if hashes else threading.Thread(target=hash_all, daemon=True)
+    if hasher is not None:
+        hasher.start()
     stages = []
     for st, cfg in stages_of(ctx.recipe):
         t0 = time.perf_counter()
@@ -173,7 +175,8 @@ def _run(ctx: Context, t_start: float, opts: dict) -> dict:
         stages.append(info)
     ctx.selected()  # widths unchanged and nothing ranked: keeps everything
     verified = _verify(ctx, opts)
-    hasher.join()
+    if hasher is not None:
+        hasher.join()
     if hash_error:
         raise hash_error[0]
     report = build_report(ctx.ckpt, ctx.plan, ctx.recipe, stages, hashes, ctx.written,

@@ -81,13 +81,10 @@ def prepare_towers(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, verify: 
     from .runner import check_data, needs_transformers, prepare
 
     recipes = tower_recipes(dual, recipe)
-    for name in ckpt.tensors:
-        dual.owner(name)
-    views, plans = {}, {}
+    views, plans = dual.views(ckpt), {}
     for t in dual.towers:
         with _tower(t.name):
-            views[t.name] = v = dual.view(ckpt, t)
-            r = recipes[t.name]
+            v, r = views[t.name], recipes[t.name]
             tc = needs_transformers(v, r, verify, tokenizer) if transformers_check is None else transformers_check
             plans[t.name] = prepare(v, r, tc)
             check_data(v, r, tokenizer, verify, plans[t.name])
@@ -118,6 +115,8 @@ def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, f
                                   device_memory=device_memory)
     _room_for_both(out, checks)
     reports = {}
+    # one opts for both towers: the parent's shard hashes, made by the first tower's run, serve the second
+    opts = {"verify": verify, "source": source, "parent_arg": parent_arg, "out": str(out)}
     with Claim(out, force, progress.log) as claim:
         for t in dual.towers:
             n = t.name
@@ -127,7 +126,6 @@ def subclone_dual(ckpt: Checkpoint, dual: DualEncoder, recipe: Recipe, out, *, f
                 ctx = Context(views[n], recipes[n], tokenizer, plan=plans[n], device=checks[n].device,
                               progress=progress, checks=checks[n])
                 ctx.scratch = tdir
-                opts = {"verify": verify, "source": source, "parent_arg": parent_arg, "out": str(out)}
                 reports[n] = (_run(ctx, time.perf_counter(), opts), ctx.files)
         report = join(ckpt, dual, recipe, plans, reports, claim.tmp, time.perf_counter() - t_start)
         claim.publish()
@@ -186,9 +184,9 @@ def _join_weights(ckpt: Checkpoint, dual: DualEncoder, dtype, reports: dict, tmp
     """The towers' shards moved into `tmp` (renumbered model-0000i-of-0000N, bytes untouched),
     the shared scalars written as the last shard, and the index over all of them. Returns the
     files' records (size, sha256) and the shared tensors."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .childfiles import copy_file, write_bytes
+    from .childfiles import write_bytes
 
     shards: list[tuple[str, Path, list[str]]] = []   # (tower, file, its tensors)
     for t in dual.towers:
@@ -209,9 +207,7 @@ def _join_weights(ckpt: Checkpoint, dual: DualEncoder, dtype, reports: dict, tmp
         weight_map.update({x: fn for x in names})
     if shared:
         fn = f"model-{total:05d}-of-{total:05d}.safetensors"
-        save_file(shared, str(tmp / ".shared.safetensors"), metadata={"format": "pt"})
-        copy_file(tmp / ".shared.safetensors", tmp / fn, files)
-        (tmp / ".shared.safetensors").unlink()
+        write_bytes(tmp / fn, save(shared, metadata={"format": "pt"}), files)   # a few scalars
         weight_map.update({k: fn for k in shared})
     size = sum(int(files[f]["size"]) for f in set(weight_map.values()))
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -279,6 +275,8 @@ def _joined_verify(vs: dict) -> dict | None:
 
 
 def report_markdown(report: dict) -> str:
+    from .report import stage_rows
+
     lines = [f"# shrinkit report: {report['base_model']} -> child", "",
              f"shrinkit {report['shrinkit_version']}, dual encoder `{report['family']}` ({report['architecture']}), "
              f"recipe `{report['recipe'].get('name')}`, {report['seconds']:.2f} s in all.", "",
@@ -290,11 +288,7 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"Child: {report['child']['params'] / 1e6:.2f}M params, {report['child']['bytes'] / 1e6:.1f} MB, "
               f"{report['child']['dtype']}.", ""]
     for n, r in report["towers"].items():
-        lines += [f"## {n} tower", "", "| stage | how | seconds |", "|---|---|---:|"]
-        for s in r["stages"]:
-            how = s.get("method") or s.get("strategy") or (f"x{s['factor']:.4f}" if "factor" in s else "")
-            lines.append(f"| {s['stage']} | {how} | {s['seconds']:.3f} |")
-        lines += ["", f"Kept parent layers: {r['kept']['layers']}", ""]
+        lines += [f"## {n} tower", ""] + stage_rows(r) + [""]
     v = report.get("verify")
     if v:
         lines += ["## Verification", ""] + v.get("table", []) + [""]
@@ -331,42 +325,32 @@ def verify_dual(ck: Checkpoint, dual: DualEncoder, child: Path, *, data: str, sa
     from .families import family_for
     from .families.dual import dual_for
     from .pair import check_pair
-    from .recipe import Calibration
-    from .verify import verify_child
+    from .verify import heldout_spec, verify_child
 
-    if not (child / "config.json").is_file():
-        check_pair(ck, child)   # the folder's own problems, in its words
-    with open_checkpoint(child) as cc:
+    with open_checkpoint(child) as cc:   # the caller (api.verify) refused a folder without config.json
         if dual_for(cc.config) is not dual:
             raise UsageError(f"child {child} is a {cc.config.get('model_type')} model, the parent a {dual.name}; "
                              "verify a child against the parent it was cut from")
-        for name in cc.tensors:
-            dual.owner(name)
+        parents, children = dual.views(ck), dual.views(cc)
         out = {}
         for t in dual.towers:
             with _tower(t.name):
-                pv, cv = dual.view(ck, t), dual.view(cc, t)
+                pv, cv = parents[t.name], children[t.name]
                 check_pair(pv, child, cv)
                 fam = family_for(pv.config)
-                mp = fam.max_positions(pv.config)
-                if seq_len is not None and mp is not None and seq_len > mp:
-                    raise UsageError(f"--seq-len {seq_len} is longer than the {t.name} tower's {mp} positions; "
-                                     f"use {mp} or less")
-                n = seq_len or (min(256, mp) if mp else 256)
-                spec = Calibration(data=tower_data(fam, data), samples=samples, seq_len=n, batch_size=batch_size)
+                spec = heldout_spec(fam, pv.config, tower_data(fam, data), samples, seq_len, batch_size,
+                                    f"the {t.name} tower's")
                 out[t.name] = verify_child(pv, cv, spec, device=device, tokenizer=tokenizer, gate=gate)
     return _joined_verify(out)
 
 
 def inspect_dual(ck: Checkpoint, dual: DualEncoder, one) -> dict:
     """`inspect` of a dual encoder: the whole checkpoint, and each tower as `one(view)` describes it."""
-    for name in ck.tensors:
-        dual.owner(name)
     towers = {}
-    for t in dual.towers:
-        with _tower(t.name):
-            s = one(dual.view(ck, t))
-        towers[t.name] = {"family": s["model"]["family"], "params": s["model"]["params"], "dims": s["dims"]}
+    for name, view in dual.views(ck).items():
+        with _tower(name):
+            s = one(view)
+        towers[name] = {"family": s["model"]["family"], "params": s["model"]["params"], "dims": s["dims"]}
     shared = sum(ck.tensors[k].numel for k in dual.shared if k in ck.tensors)
     return {
         "model": {"path": str(ck.weights_path), "family": dual.name,

@@ -536,6 +536,17 @@ def structural_table(v: dict) -> list[str]:
     return rows
 
 
+def heldout_spec(fam, cfg: dict, data: str, samples: int, seq_len: int | None, batch_size: int,
+                 whose: str = "the parent's") -> Calibration:
+    """`shrinkit verify`'s held-out data: seq_len defaults to 256, or the model's maximum positions
+    when fewer; a longer explicit one is a UsageError."""
+    mp = fam.max_positions(cfg)
+    if seq_len is not None and mp is not None and seq_len > mp:
+        raise UsageError(f"--seq-len {seq_len} is longer than {whose} {mp} positions; use {mp} or less")
+    n = seq_len or (min(256, mp) if mp else 256)
+    return Calibration(data=data, samples=samples, seq_len=n, batch_size=batch_size)
+
+
 def check_child(child: Path) -> None:
     if not (child / "config.json").is_file():
         raise UsageError(f"child {child} has no config.json; pass the folder that shrinkit subclone wrote")

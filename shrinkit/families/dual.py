@@ -80,19 +80,26 @@ class DualEncoder:
                           + ", ".join(f"{t.prefix}.*" for t in self.towers) + " or " + ", ".join(self.shared)
                           + "); shrinkit does not know this layout")
 
-    def view(self, ckpt: Checkpoint, t: Tower) -> Checkpoint:
-        """The tower as a checkpoint of its own: its tensors (same names and bytes: the tower
-        families' rules match names by their ends, and `text_model.*` plus `text_projection` is
-        exactly what CLIPTextModelWithProjection stores) and its config. Reads go to the parent's
-        mapped shards."""
-        tensors = {name: info for name, info in ckpt.tensors.items() if self.owner(name) is t}
-        if not tensors:
-            raise ParentError(f"the {self.name} parent holds no {t.prefix}.* tensors; it is not a {self.name} "
-                              "dual encoder")
-        v = Checkpoint(ckpt.root, self.tower_config(ckpt.config, t, ckpt.config_path.name), ckpt.shards, tensors,
-                       ckpt.config_path, ckpt.weights_path)
-        v._maps, v._files = ckpt._maps, ckpt._files   # one set of mapped shards
-        return v
+    def views(self, ckpt: Checkpoint) -> dict[str, Checkpoint]:
+        """Each tower as a checkpoint of its own, by tower name: its tensors (same names and bytes:
+        the tower families' rules match names by their ends, and `text_model.*` plus
+        `text_projection` is exactly what CLIPTextModelWithProjection stores) and its config. Reads
+        go to the parent's mapped shards. ParentError for a tensor no tower accounts for (owner)."""
+        parts: dict[str, dict] = {t.name: {} for t in self.towers}
+        for name, info in ckpt.tensors.items():
+            t = self.owner(name)
+            if t is not None:
+                parts[t.name][name] = info
+        out = {}
+        for t in self.towers:
+            if not parts[t.name]:
+                raise ParentError(f"the {self.name} parent holds no {t.prefix}.* tensors; it is not a {self.name} "
+                                  "dual encoder")
+            v = Checkpoint(ckpt.root, self.tower_config(ckpt.config, t, ckpt.config_path.name), ckpt.shards,
+                           parts[t.name], ckpt.config_path, ckpt.weights_path)
+            v._maps, v._files = ckpt._maps, ckpt._files   # one set of mapped shards
+            out[t.name] = v
+        return out
 
     def child_config(self, cfg: dict, towers: dict[str, dict], dtype_name: str) -> dict:
         """The joined child's config: the parent's, with each tower's child config nested back."""
