@@ -212,11 +212,13 @@ def sim_corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def linear_probe(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: torch.Tensor,
-                 epochs: int = 300) -> float:
+                 epochs: int = 300, n_classes: int = len(CLASSES)) -> float:
+    """Logistic regression on standardized features (full batch, Adam); test accuracy. Also
+    bench/vision_train.py's probe."""
     mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
     ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
     torch.manual_seed(0)
-    head = torch.nn.Linear(ftr.shape[1], len(CLASSES))
+    head = torch.nn.Linear(ftr.shape[1], n_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(epochs):
         opt.zero_grad()

@@ -83,6 +83,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import assets  # noqa: E402
+from vision_quality import linear_probe  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -304,17 +305,7 @@ def probe(model, xtr, ytr, xte, yte, pool: str, n_classes: int, epochs: int = 20
     with torch.no_grad():
         ftr = torch.cat([pooled(model, xtr[s:s + 250].float(), pool) for s in range(0, len(xtr), 250)])
         fte = torch.cat([pooled(model, xte[s:s + 250].float(), pool) for s in range(0, len(xte), 250)])
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    torch.manual_seed(0)
-    head = torch.nn.Linear(ftr.shape[1], n_classes)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(epochs):
-        opt.zero_grad()
-        F.cross_entropy(head(ftr), ytr).backward()
-        opt.step()
-    with torch.no_grad():
-        return float((head(fte).argmax(-1) == yte).float().mean())
+    return linear_probe(ftr, ytr, fte, yte, epochs=epochs, n_classes=n_classes)
 
 
 def lr_mult(step: int, steps: int) -> float:
