@@ -41,3 +41,20 @@ def logits(path: Path | str, ids: torch.Tensor, cls="AutoModelForCausalLM") -> t
     m = load(path, cls)
     out = m(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def inspect_and_plan(tmp_path: Path, parent, name: str, rec: dict, expect: str = '"hidden_size": 48') -> None:
+    """`shrinkit inspect --json` on `parent` names `name`, and `shrinkit plan --json` with the recipe
+    `rec` exits 0 and prints `expect`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from shrinkit.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", str(parent), "--json"])
+    assert r.exit_code == 0 and name in r.stdout, r.output
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(rec))
+    r = CliRunner().invoke(app, ["plan", str(parent), "-r", str(path), "--json"])
+    assert r.exit_code == 0 and expect in r.stdout, r.output

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import planted
-from helpers import load
+from helpers import inspect_and_plan, load
 from planted import Planted, _randomize, rel_err
 from test_vision import alive, run, stages
 
@@ -103,7 +103,6 @@ def test_clip_vision_real_config_cut_calibrates_verifies(tmp_path):
     """A tiny random CLIPVisionModelWithProjection (bf16): cut in width and depth with activation
     ranking on images and importance dropping, loaded with no missing or unexpected keys (the
     projection keeps projection_dim), verified against random init; inspect and plan describe it."""
-    from shrinkit.cli import app
 
     p = real_parent(tmp_path / "parent")
     target = dict(hidden_size=48, num_attention_heads=3, intermediate_size=64, num_hidden_layers=3)
@@ -117,12 +116,7 @@ def test_clip_vision_real_config_cut_calibrates_verifies(tmp_path):
     v = res.report["verify"]
     assert v["kind"] == "encoder" and v["pool"] == "first"
     assert v["child"]["similarity_pearson"] > v["random_init"]["similarity_pearson"]
-    r = CliRunner().invoke(app, ["inspect", str(p), "--json"])
-    assert r.exit_code == 0 and "clip_vision_model" in r.stdout, r.output
-    rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"target": target, "stages": stages(drop=(2,))}))
-    r = CliRunner().invoke(app, ["plan", str(p), "-r", str(rec), "--json"])
-    assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+    inspect_and_plan(tmp_path, p, "clip_vision_model", {"target": target, "stages": stages(drop=(2,))})
 
 
 def test_force_replaces_an_image_child(tmp_path, write_recipe):

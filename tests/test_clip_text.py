@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import planted
-from helpers import load, recipe, run, tokens
+from helpers import inspect_and_plan, load, recipe, run, tokens
 from planted import Planted, _randomize, rel_err
 
 V = 96
@@ -173,7 +172,6 @@ def test_text_tower_real_config_cut_calibrates_verifies(tmp_path, kind):
     """A tiny planted text tower (bf16): cut in width (hidden dims too: inexact) and depth with
     activation ranking on tokens and importance dropping, loaded with no missing or unexpected keys, verified against random init
     (last-position embeddings); inspect and plan describe it."""
-    from shrinkit.cli import app
     from shrinkit.pipeline import subclone
 
     pl = text_parent(tmp_path / "parent", kind, dtype=torch.bfloat16, layer_norm_eps=1e-5)
@@ -187,12 +185,7 @@ def test_text_tower_real_config_cut_calibrates_verifies(tmp_path, kind):
     assert v["kind"] == "encoder" and v["pool"] == "last"
     assert v["child"]["similarity_pearson"] > v["random_init"]["similarity_pearson"]
     assert any("last-position" in row for row in v["table"])
-    r = CliRunner().invoke(app, ["inspect", str(pl.path), "--json"])
-    assert r.exit_code == 0 and f"{kind}_text_model" in r.stdout, r.output
-    rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"target": target, "stages": stages(drop=(2,))}))
-    r = CliRunner().invoke(app, ["plan", str(pl.path), "-r", str(rec), "--json"])
-    assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+    inspect_and_plan(tmp_path, pl.path, f"{kind}_text_model", {"target": target, "stages": stages(drop=(2,))})
 
 
 @pytest.mark.parametrize("kind", ["clip-base", "siglip"])

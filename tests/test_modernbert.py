@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import load, logits, run, tokens
+from helpers import inspect_and_plan, load, logits, run, tokens
 from planted import Planted, _choose, _randomize, rel_err
 from test_planted import alive, stages
 
@@ -165,7 +165,6 @@ def test_modernbert_real_config_cut_loads_calibrates_verifies(tmp_path, every_n_
     """A tiny random ModernBertConfig MLM model (bf16), with layer_types or the older every-n
     pattern: cut in width and depth with activation ranking and importance dropping, loaded with
     no missing or unexpected keys, verified; inspect and plan describe it."""
-    from shrinkit.cli import app
     from shrinkit.recipe import Verify
     from shrinkit.verify import verify_child
 
@@ -179,12 +178,7 @@ def test_modernbert_real_config_cut_loads_calibrates_verifies(tmp_path, every_n_
     assert m.config.layer_types == [pattern[i] for i in res.report["kept"]["layers"]]
     v = verify_child(p, tmp_path / "child", Verify(data="random_tokens", samples=4, seq_len=24, batch_size=2))
     assert v["kind"] == "encoder" and v["child"]["similarity_pearson"] > v["random_init"]["similarity_pearson"]
-    r = CliRunner().invoke(app, ["inspect", str(p), "--json"])
-    assert r.exit_code == 0 and "modernbert" in r.stdout, r.output
-    rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"target": target, "stages": stages(drop=(2,))}))
-    r = CliRunner().invoke(app, ["plan", str(p), "-r", str(rec), "--json"])
-    assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+    inspect_and_plan(tmp_path, p, "modernbert", {"target": target, "stages": stages(drop=(2,))})
 
 
 def test_modernbert_block_forward_matches_transformers(tmp_path, parent):

@@ -12,9 +12,8 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from helpers import load, logits, run, tokens
+from helpers import inspect_and_plan, load, logits, run, tokens
 from planted import Planted, _choose, _randomize, rel_err
 from test_calibrate import act_stages
 from test_planted import check_kept, stages
@@ -157,7 +156,6 @@ def test_olmo2_verify_of_exact_child(tmp_path, parent):
 def test_olmo2_real_config_cut_loads_calibrates_verifies(tmp_path):
     """A tiny random Olmo2Config model (bf16): cut with activation ranking and importance layer
     dropping, loaded with no missing or unexpected keys, verified; inspect and plan describe it."""
-    from shrinkit.cli import app
     from shrinkit.recipe import Verify
     from shrinkit.verify import verify_child
 
@@ -170,12 +168,7 @@ def test_olmo2_real_config_cut_loads_calibrates_verifies(tmp_path):
     v = verify_child(tmp_path / "parent", tmp_path / "child",
                      Verify(data="random_tokens", samples=4, seq_len=32, batch_size=2))
     assert v["child"]["kl"] > 0 and v["random_init"]["kl"] > 0
-    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "parent"), "--json"])
-    assert r.exit_code == 0 and "olmo2" in r.stdout, r.output
-    rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"target": TARGET, "stages": stages()}))
-    r = CliRunner().invoke(app, ["plan", str(tmp_path / "parent"), "-r", str(rec), "--json"])
-    assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+    inspect_and_plan(tmp_path, tmp_path / "parent", "olmo2", {"target": TARGET, "stages": stages()})
     from shrinkit.errors import RecipeError   # post-norm blocks: no output projection writes the residual
     with pytest.raises(RecipeError, match="heal does not support the olmo2 family"):
         run(tmp_path / "parent", tmp_path / "healed", target=TARGET,

@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import planted
-from helpers import load, recipe
+from helpers import inspect_and_plan, load, recipe
 from planted import Planted, _choose, _randomize, rel_err
 from shrinkit.pipeline import subclone
 from test_vision import alive, run, stages
@@ -139,7 +138,6 @@ def test_siglip_vision_dead_heads_are_the_ones_dropped(tmp_path):
 
 
 def test_siglip_vision_real_config_cut_calibrates_verifies(tmp_path):
-    from shrinkit.cli import app
 
     p = real_parent(tmp_path / "parent")
     target = dict(hidden_size=48, num_attention_heads=3, intermediate_size=64, num_hidden_layers=3)
@@ -150,9 +148,4 @@ def test_siglip_vision_real_config_cut_calibrates_verifies(tmp_path):
     v = res.report["verify"]
     assert v["kind"] == "encoder" and v["pool"] == "mean"
     assert v["child"]["similarity_pearson"] > v["random_init"]["similarity_pearson"]
-    r = CliRunner().invoke(app, ["inspect", str(p), "--json"])
-    assert r.exit_code == 0 and "siglip_vision_model" in r.stdout, r.output
-    rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"target": target, "stages": stages(drop=(2,))}))
-    r = CliRunner().invoke(app, ["plan", str(p), "-r", str(rec), "--json"])
-    assert r.exit_code == 0 and '"hidden_size": 48' in r.stdout, r.output
+    inspect_and_plan(tmp_path, p, "siglip_vision_model", {"target": target, "stages": stages(drop=(2,))})
